@@ -1,0 +1,69 @@
+// A KVM vCPU: the single owner of every vCPU-level ioctl and of its kvm_run page.
+#pragma once
+
+#include <linux/kvm.h>
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "kvm/result.h"
+#include "kvm/state.h"
+#include "kvm/unique_fd.h"
+
+namespace vmm::kvm {
+
+class Vcpu {
+ public:
+  // Maps the kvm_run page of `fd` (mmap size from KVM_GET_VCPU_MMAP_SIZE).
+  [[nodiscard]] static Result<Vcpu> adopt(UniqueFd fd, uint32_t id, int mmap_size);
+
+  Vcpu(Vcpu&& other) noexcept;
+  Vcpu& operator=(Vcpu&& other) noexcept;
+  Vcpu(const Vcpu&) = delete;
+  Vcpu& operator=(const Vcpu&) = delete;
+  ~Vcpu();
+
+  [[nodiscard]] uint32_t id() const { return id_; }
+  [[nodiscard]] FdRef fd() const { return fd_.ref(); }
+
+  // KVM_RUN. A signal interrupts it with Error{EINTR}; the exit is then in run_data().
+  [[nodiscard]] Result<void> run();
+  [[nodiscard]] kvm_run& run_data() { return *run_; }
+  // kvm_run.immediate_exit: set from any thread (with a signal) to make the
+  // current or next KVM_RUN return EINTR at once.
+  void set_immediate_exit(bool on);
+
+  // Sets up what KVM_CREATE_VCPU leaves blank (CPUID from the supported list,
+  // with the APIC id of this vCPU).
+  [[nodiscard]] Result<void> set_cpuid(std::span<const kvm_cpuid_entry2> entries);
+
+  [[nodiscard]] Result<kvm_regs> get_regs() const;
+  [[nodiscard]] Result<void> set_regs(const kvm_regs& regs);
+  [[nodiscard]] Result<kvm_sregs> get_sregs() const;
+  [[nodiscard]] Result<void> set_sregs(const kvm_sregs& sregs);
+  [[nodiscard]] Result<std::vector<MsrEntry>> get_msrs(std::span<const uint32_t> indices) const;
+  [[nodiscard]] Result<void> set_msrs(std::span<const MsrEntry> msrs);
+  [[nodiscard]] Result<kvm_mp_state> get_mp_state() const;
+  [[nodiscard]] Result<void> set_mp_state(const kvm_mp_state& state);
+  [[nodiscard]] Result<uint64_t> get_tsc_khz() const;
+  // Tells the guest's kvmclock that the vCPU was paused (KVM_KVMCLOCK_CTRL);
+  // EINVAL (the guest does not use kvmclock) is not an error.
+  [[nodiscard]] Result<void> kvmclock_ctrl();
+
+  // Every piece of architectural state: registers, FPU/XSAVE, XCRs, the given
+  // MSRs, LAPIC, MP state, events, debug registers, CPUID. Call while paused.
+  [[nodiscard]] Result<VcpuState> save(std::span<const uint32_t> msr_indices) const;
+  [[nodiscard]] Result<void> restore(const VcpuState& state);
+
+ private:
+  Vcpu(UniqueFd fd, uint32_t id, kvm_run* run, int mmap_size)
+      : fd_(std::move(fd)), id_(id), run_(run), mmap_size_(mmap_size) {}
+  UniqueFd fd_;
+  uint32_t id_ = 0;
+  kvm_run* run_ = nullptr;
+  int mmap_size_ = 0;
+  std::vector<kvm_cpuid_entry2> cpuid_;  // remembered for save()
+};
+
+}  // namespace vmm::kvm

@@ -1,0 +1,61 @@
+// A KVM virtual machine: the single owner of every VM-level ioctl.
+#pragma once
+
+#include <linux/kvm.h>
+
+#include <cstdint>
+
+#include "kvm/guest_memfd.h"
+#include "kvm/result.h"
+#include "kvm/state.h"
+#include "kvm/unique_fd.h"
+#include "kvm/vcpu.h"
+
+namespace vmm::kvm {
+
+// One memslot as given to KVM_SET_USER_MEMORY_REGION2.
+struct MemorySlot {
+  uint32_t slot = 0;
+  uint64_t guest_phys_addr = 0;
+  uint64_t size = 0;
+  void* host_address = nullptr;
+  FdRef guest_memfd;                // valid: a KVM_MEM_GUEST_MEMFD slot
+  uint64_t guest_memfd_offset = 0;
+};
+
+class Vm {
+ public:
+  // Wraps an existing VM fd (a fresh KVM_CREATE_VM, or one retrieved from LUO).
+  Vm(UniqueFd fd, int vcpu_mmap_size) : fd_(std::move(fd)), vcpu_mmap_size_(vcpu_mmap_size) {}
+
+  // x86 set-up that must precede vCPU creation.
+  [[nodiscard]] Result<void> set_tss_addr(uint64_t gpa);
+  [[nodiscard]] Result<void> set_identity_map_addr(uint64_t gpa);
+  [[nodiscard]] Result<void> create_irqchip();
+  [[nodiscard]] Result<void> create_pit2();
+
+  // KVM_CREATE_GUEST_MEMFD. The error explains when the host lacks
+  // guest_memfd or the requested flags, and suggests --memory-backing memfd.
+  [[nodiscard]] Result<GuestMemfd> create_guest_memfd(uint64_t size, uint64_t flags);
+  // KVM_SET_USER_MEMORY_REGION2 (with KVM_MEM_GUEST_MEMFD when slot.guest_memfd is valid).
+  [[nodiscard]] Result<void> set_memory_slot(const MemorySlot& slot);
+
+  [[nodiscard]] Result<Vcpu> create_vcpu(uint32_t id);
+
+  // KVM_IRQ_LINE on the in-kernel irqchip (GSI numbering).
+  [[nodiscard]] Result<void> set_irq_line(uint32_t gsi, bool level);
+
+  // Irqchip (PIC master/slave, IOAPIC), PIT and kvmclock.
+  [[nodiscard]] Result<VmState> save() const;
+  [[nodiscard]] Result<void> restore(const VmState& state);
+
+  [[nodiscard]] FdRef fd() const { return fd_.ref(); }
+  // Hands the VM fd to a new owner (a LUO session).
+  [[nodiscard]] UniqueFd take_fd() && { return std::move(fd_); }
+
+ private:
+  UniqueFd fd_;
+  int vcpu_mmap_size_ = 0;
+};
+
+}  // namespace vmm::kvm

@@ -1,0 +1,55 @@
+// Where guest memory lives: plain data, saved with the VM state (RAM itself is
+// never serialized; a region is referenced by its name and LUO token).
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "kvm/result.h"
+
+namespace vmm::memory {
+
+enum class Backing : uint32_t { guest_memfd = 0, memfd = 1 };
+[[nodiscard]] std::string_view to_string(Backing backing);
+[[nodiscard]] std::optional<Backing> backing_from_string(std::string_view name);
+
+enum class RegionRole : uint32_t { ram = 0, shared = 1 };
+
+struct RegionSpec {
+  std::string name;  // "ram0", "ram1", "shared"
+  RegionRole role = RegionRole::ram;
+  Backing backing = Backing::guest_memfd;
+  uint64_t gpa = 0;
+  uint64_t size = 0;
+  uint32_t slot = 0;  // KVM memslot number
+  friend bool operator==(const RegionSpec&, const RegionSpec&) = default;
+};
+
+inline constexpr uint64_t kPageSize = 4096;
+// RAM below 4 GiB stops here; the rest of it starts at 4 GiB.
+inline constexpr uint64_t kLowRamEnd = 0xC000'0000;
+inline constexpr uint64_t kHighRamStart = 0x1'0000'0000;
+// The shared region sits in the hole below 4 GiB, under the LAPIC/IOAPIC range.
+inline constexpr uint64_t kSharedRegionGpa = 0xD000'0000;
+inline constexpr uint64_t kSharedRegionMaxSize = 0x1000'0000;  // 256 MiB
+inline constexpr uint64_t kDefaultSharedSize = 16ULL << 20;
+
+struct MemoryLayout {
+  std::vector<RegionSpec> regions;
+
+  // RAM split around the hole below 4 GiB (one or two regions, `ram_backing`)
+  // plus the shared memfd region. Fails with a clear message on a zero or
+  // unaligned size, or a shared size out of range.
+  [[nodiscard]] static Result<MemoryLayout> plan(uint64_t ram_size, uint64_t shared_size,
+                                                 Backing ram_backing);
+
+  [[nodiscard]] uint64_t ram_size() const;
+  [[nodiscard]] const RegionSpec* find(std::string_view name) const;
+  [[nodiscard]] const RegionSpec* shared() const;
+  friend bool operator==(const MemoryLayout&, const MemoryLayout&) = default;
+};
+
+}  // namespace vmm::memory

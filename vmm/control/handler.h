@@ -1,0 +1,35 @@
+// The seam between the control socket (QMP framing, negotiation, clients) and
+// the VMM that carries out commands.
+#pragma once
+
+#include <nlohmann/json.hpp>
+
+#include <expected>
+#include <string>
+
+namespace vmm::control {
+
+// QMP error classes.
+inline constexpr const char* kGenericError = "GenericError";
+inline constexpr const char* kCommandNotFound = "CommandNotFound";
+
+struct CommandError {
+  std::string error_class = kGenericError;
+  std::string desc;
+};
+
+using CommandResult = std::expected<nlohmann::json, CommandError>;
+
+class CommandHandler {
+ public:
+  virtual ~CommandHandler() = default;
+  // Runs one command (never "qmp_capabilities", which the server handles).
+  // `arguments` is always a JSON object (empty when the client sent none).
+  // Called from a client's thread; may block (guest-verify waits for the
+  // guest), and may be called concurrently from several clients.
+  // Unknown commands return kCommandNotFound; bad arguments a GenericError
+  // whose desc names the argument and the expected type.
+  virtual CommandResult execute(const std::string& command, const nlohmann::json& arguments) = 0;
+};
+
+}  // namespace vmm::control
