@@ -8,6 +8,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "kvm/uapi.h"
+
 namespace vmm::kvm {
 
 struct MsrEntry {
@@ -21,7 +23,7 @@ struct VcpuState {
   kvm_regs regs{};
   kvm_sregs sregs{};
   kvm_fpu fpu{};
-  kvm_xsave xsave{};  // legacy 4 KiB area from KVM_GET_XSAVE
+  uapi::Xsave xsave{};  // legacy 4 KiB area from KVM_GET_XSAVE (C++-safe kvm_xsave)
   kvm_xcrs xcrs{};
   std::vector<MsrEntry> msrs;  // TSC, kvmclock, SYSENTER, STAR/LSTAR, EFER, PAT, ...
   kvm_lapic_state lapic{};

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "kvm/msrs.h"
 #include "kvm/result.h"
 #include "kvm/unique_fd.h"
 #include "kvm/vm.h"
@@ -18,6 +19,7 @@ struct Capabilities {
   int api_version = 0;
   int vcpu_mmap_size = 0;
   int max_vcpus = 0;
+  int nr_vcpus = 0;  // recommended maximum (KVM_CAP_NR_VCPUS)
   bool user_memory2 = false;
   bool guest_memfd = false;
   uint64_t guest_memfd_flags = 0;  // KVM_CAP_GUEST_MEMFD_FLAGS mask
@@ -31,6 +33,9 @@ struct Capabilities {
   bool tsc_khz = false;
   bool irqchip = false;
   bool pit2 = false;
+  bool irqfd = false;
+  bool ioeventfd = false;
+  bool pre_fault_memory = false;  // 0 without TDP (shadow paging)
 
   // guest_memfd created with MMAP | INIT_SHARED and bound via
   // KVM_SET_USER_MEMORY_REGION2 works on this host.
@@ -56,6 +61,9 @@ class System {
   [[nodiscard]] Result<std::vector<kvm_cpuid_entry2>> supported_cpuid() const;
   // KVM_GET_MSR_INDEX_LIST: MSRs that KVM can save and restore.
   [[nodiscard]] Result<std::vector<uint32_t>> msr_index_list() const;
+  // The MSRs a vCPU save must carry: msrs_worth_saving() (kvm/msrs.h) that
+  // this host's KVM lists, in that list's order.
+  [[nodiscard]] Result<std::vector<uint32_t>> msrs_to_save() const;
 
   [[nodiscard]] FdRef fd() const { return fd_.ref(); }
   [[nodiscard]] int vcpu_mmap_size() const { return vcpu_mmap_size_; }

@@ -35,7 +35,7 @@ class Vcpu {
   void set_immediate_exit(bool on);
 
   // Sets up what KVM_CREATE_VCPU leaves blank (CPUID from the supported list,
-  // with the APIC id of this vCPU).
+  // with the APIC id of this vCPU in leaf 1 EBX[31:24] and leaves 0xB/0x1F EDX).
   [[nodiscard]] Result<void> set_cpuid(std::span<const kvm_cpuid_entry2> entries);
 
   [[nodiscard]] Result<kvm_regs> get_regs() const;
@@ -46,7 +46,23 @@ class Vcpu {
   [[nodiscard]] Result<void> set_msrs(std::span<const MsrEntry> msrs);
   [[nodiscard]] Result<kvm_mp_state> get_mp_state() const;
   [[nodiscard]] Result<void> set_mp_state(const kvm_mp_state& state);
+  [[nodiscard]] Result<kvm_fpu> get_fpu() const;
+  [[nodiscard]] Result<void> set_fpu(const kvm_fpu& fpu);
+  [[nodiscard]] Result<uapi::Xsave> get_xsave() const;
+  [[nodiscard]] Result<void> set_xsave(const uapi::Xsave& xsave);
+  [[nodiscard]] Result<kvm_xcrs> get_xcrs() const;
+  [[nodiscard]] Result<void> set_xcrs(const kvm_xcrs& xcrs);
+  [[nodiscard]] Result<kvm_lapic_state> get_lapic() const;
+  [[nodiscard]] Result<void> set_lapic(const kvm_lapic_state& lapic);
+  [[nodiscard]] Result<kvm_vcpu_events> get_vcpu_events() const;
+  [[nodiscard]] Result<void> set_vcpu_events(const kvm_vcpu_events& events);
+  [[nodiscard]] Result<kvm_debugregs> get_debugregs() const;
+  [[nodiscard]] Result<void> set_debugregs(const kvm_debugregs& debugregs);
+  // KVM_GET_CPUID2: the entries in effect, as KVM adjusted them.
+  [[nodiscard]] Result<std::vector<kvm_cpuid_entry2>> get_cpuid() const;
   [[nodiscard]] Result<uint64_t> get_tsc_khz() const;
+  // Fails (with a message saying so) when the host cannot scale the TSC.
+  [[nodiscard]] Result<void> set_tsc_khz(uint64_t khz);
   // Tells the guest's kvmclock that the vCPU was paused (KVM_KVMCLOCK_CTRL);
   // EINVAL (the guest does not use kvmclock) is not an error.
   [[nodiscard]] Result<void> kvmclock_ctrl();
@@ -54,16 +70,19 @@ class Vcpu {
   // Every piece of architectural state: registers, FPU/XSAVE, XCRs, the given
   // MSRs, LAPIC, MP state, events, debug registers, CPUID. Call while paused.
   [[nodiscard]] Result<VcpuState> save(std::span<const uint32_t> msr_indices) const;
+  // Applies `state` (taken from a vCPU with the same id) to this vCPU,
+  // which must not have run yet: KVM refuses a different CPUID after KVM_RUN.
   [[nodiscard]] Result<void> restore(const VcpuState& state);
 
  private:
   Vcpu(UniqueFd fd, uint32_t id, kvm_run* run, int mmap_size)
       : fd_(std::move(fd)), id_(id), run_(run), mmap_size_(mmap_size) {}
+  [[nodiscard]] Result<void> set_cpuid_entries(std::span<const kvm_cpuid_entry2> entries);
+  void unmap_run();
   UniqueFd fd_;
   uint32_t id_ = 0;
   kvm_run* run_ = nullptr;
   int mmap_size_ = 0;
-  std::vector<kvm_cpuid_entry2> cpuid_;  // remembered for save()
 };
 
 }  // namespace vmm::kvm

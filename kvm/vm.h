@@ -39,6 +39,12 @@ class Vm {
   [[nodiscard]] Result<GuestMemfd> create_guest_memfd(uint64_t size, uint64_t flags);
   // KVM_SET_USER_MEMORY_REGION2 (with KVM_MEM_GUEST_MEMFD when slot.guest_memfd is valid).
   [[nodiscard]] Result<void> set_memory_slot(const MemorySlot& slot);
+  // Deletes memslot `slot` (KVM_SET_USER_MEMORY_REGION2 with size 0).
+  [[nodiscard]] Result<void> clear_memory_slot(uint32_t slot);
+
+  // KVM_CHECK_EXTENSION on the VM fd (some answers, e.g. guest_memfd flags,
+  // depend on the VM type).
+  [[nodiscard]] Result<int> check_extension(long cap) const;
 
   [[nodiscard]] Result<Vcpu> create_vcpu(uint32_t id);
 
@@ -50,6 +56,7 @@ class Vm {
   [[nodiscard]] Result<void> restore(const VmState& state);
 
   [[nodiscard]] FdRef fd() const { return fd_.ref(); }
+  [[nodiscard]] int vcpu_mmap_size() const { return vcpu_mmap_size_; }
   // Hands the VM fd to a new owner (a LUO session).
   [[nodiscard]] UniqueFd take_fd() && { return std::move(fd_); }
 

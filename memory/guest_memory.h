@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <memory>
 #include <span>
+#include <string_view>
 #include <vector>
 
 #include "kvm/result.h"
@@ -24,6 +25,7 @@ enum class SlotKind : uint32_t {
   userspace,    // ordinary slot on the VMM's mapping of the file (memfd, or a
                 // guest_memfd inherited across exec that KVM won't rebind)
 };
+[[nodiscard]] std::string_view to_string(SlotKind kind);
 
 class Region : public boost::intrusive::set_base_hook<boost::intrusive::optimize_size<true>> {
  public:
@@ -39,6 +41,8 @@ class Region : public boost::intrusive::set_base_hook<boost::intrusive::optimize
   [[nodiscard]] FdRef fd() const { return fd_.ref(); }
   [[nodiscard]] uint8_t* host() const { return mapping_.data(); }
   [[nodiscard]] SlotKind slot_kind() const { return slot_kind_; }
+  [[nodiscard]] uint32_t slot() const { return spec_.slot; }
+  [[nodiscard]] std::span<uint8_t> bytes() const { return mapping_.bytes(); }
 
   friend bool operator<(const Region& a, const Region& b) { return a.gpa() < b.gpa(); }
 
@@ -53,12 +57,17 @@ class GuestMemory {
  public:
   // Creates every region of `layout`: RAM in guest_memfd (MMAP|INIT_SHARED)
   // or memfd, fully preallocated, mapped MAP_SHARED and registered with KVM.
-  // On failure nothing is left registered or allocated.
+  // On failure nothing is left registered or allocated. Fails up front (ENOMEM)
+  // when the layout asks for more than the host's MemAvailable.
+  //
+  // The memslots point at this object's mappings and are not removed by its
+  // destructor: destroy the Vm first, or together with it.
   [[nodiscard]] static Result<GuestMemory> create(kvm::Vm& vm, const MemoryLayout& layout);
 
   // Builds the regions of `layout` around existing files (one per region, in
   // layout order) without touching their contents: used after a live update.
-  // `slot_kind` says how guest_memfd regions are attached.
+  // Each file's size must equal its region's. `guest_memfd_slot_kind` says how
+  // guest_memfd regions are attached; memfd regions always get ordinary slots.
   [[nodiscard]] static Result<GuestMemory> attach(kvm::Vm& vm, const MemoryLayout& layout,
                                                   std::vector<UniqueFd> files,
                                                   SlotKind guest_memfd_slot_kind);

@@ -17,6 +17,10 @@ enum class Backing : uint32_t { guest_memfd = 0, memfd = 1 };
 [[nodiscard]] std::optional<Backing> backing_from_string(std::string_view name);
 
 enum class RegionRole : uint32_t { ram = 0, shared = 1 };
+[[nodiscard]] std::string_view to_string(RegionRole role);
+
+// "3 GiB", "1.50 GiB", "4096 bytes": sizes in messages.
+[[nodiscard]] std::string format_size(uint64_t bytes);
 
 struct RegionSpec {
   std::string name;  // "ram0", "ram1", "shared"
@@ -36,6 +40,9 @@ inline constexpr uint64_t kHighRamStart = 0x1'0000'0000;
 inline constexpr uint64_t kSharedRegionGpa = 0xD000'0000;
 inline constexpr uint64_t kSharedRegionMaxSize = 0x1000'0000;  // 256 MiB
 inline constexpr uint64_t kDefaultSharedSize = 16ULL << 20;
+// Guest-physical addresses stop at 2^46 here (a conservative physical
+// address width); RAM beyond that cannot be placed.
+inline constexpr uint64_t kMaxRamSize = (1ULL << 46) - (kHighRamStart - kLowRamEnd);
 
 struct MemoryLayout {
   std::vector<RegionSpec> regions;

@@ -1,0 +1,36 @@
+#include "memory/mapping.h"
+
+#include <sys/mman.h>
+#include <fmt/format.h>
+
+#include <utility>
+
+namespace vmm::memory {
+
+Result<Mapping> Mapping::map_shared(FdRef fd, size_t size, off_t offset) {
+  if (size == 0) return fail("cannot map 0 bytes", EINVAL);
+  void* addr = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), offset);
+  if (addr == MAP_FAILED) {
+    return fail_errno(fmt::format("mmap(MAP_SHARED) of {:#x} bytes of fd {} at offset {:#x}", size,
+                                  fd.get(), offset));
+  }
+  return Mapping(addr, size);
+}
+
+Mapping::Mapping(Mapping&& other) noexcept
+    : addr_(std::exchange(other.addr_, nullptr)), size_(std::exchange(other.size_, 0)) {}
+
+Mapping& Mapping::operator=(Mapping&& other) noexcept {
+  if (this != &other) {
+    if (addr_ != nullptr) ::munmap(addr_, size_);
+    addr_ = std::exchange(other.addr_, nullptr);
+    size_ = std::exchange(other.size_, 0);
+  }
+  return *this;
+}
+
+Mapping::~Mapping() {
+  if (addr_ != nullptr) ::munmap(addr_, size_);
+}
+
+}  // namespace vmm::memory
