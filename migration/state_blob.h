@@ -1,0 +1,77 @@
+// The saved state as a versioned blob: a fixed little-endian header followed
+// by a flattened device tree (built and parsed with libfdt, like the kernel's
+// KHO). The layout of both is documented in state_blob.cc and
+// docs/state-format.md.
+//
+// Compatibility: the format version is independent of the program version.
+// A reader accepts any minor version of a major it knows (a newer minor only
+// adds optional properties and nodes, which the reader ignores; properties a
+// newer reader expects but an older writer did not write get defaults), and
+// refuses an unknown major version.
+#pragma once
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "kvm/result.h"
+#include "migration/saved_state.h"
+
+namespace vmm::migration {
+
+inline constexpr std::array<uint8_t, 8> kStateMagic = {'V', 'M', 'M', 'S', 'T', 'A', 'T', 'E'};
+inline constexpr uint16_t kFormatMajor = 1;
+inline constexpr uint16_t kFormatMinor = 0;
+// Size of the header as this version writes it. A newer minor version may
+// write a longer header; the payload then starts at its header_size.
+inline constexpr uint32_t kHeaderSize = 32;
+
+// The header fields (magic excluded). On the wire, little-endian:
+//   0  u8[8] magic "VMMSTATE"
+//   8  u16   format_major
+//  10  u16   format_minor
+//  12  u32   header_size      offset of the payload
+//  16  u64   payload_size     bytes of FDT
+//  24  u32   payload_crc32c   CRC32C (Castagnoli) of the payload
+//  28  u32   flags            none defined in 1.x; readers ignore unknown bits
+struct BlobHeader {
+  uint16_t format_major = kFormatMajor;
+  uint16_t format_minor = kFormatMinor;
+  uint32_t header_size = kHeaderSize;
+  uint64_t payload_size = 0;
+  uint32_t payload_crc32c = 0;
+  uint32_t flags = 0;
+  // header plus payload; bytes after it (a pre-sized memfd) are not part of the blob
+  [[nodiscard]] uint64_t blob_size() const { return header_size + payload_size; }
+  friend bool operator==(const BlobHeader&, const BlobHeader&) = default;
+};
+
+// CRC32C (Castagnoli, reflected, init and final xor ~0): check value
+// crc32c("123456789") == 0xE3069283.
+[[nodiscard]] uint32_t crc32c(std::span<const uint8_t> bytes);
+
+// Reads and checks the header: length, magic, known major version, header
+// size, and that the payload it announces is present. The checksum and the
+// payload itself are left to decode().
+[[nodiscard]] Result<BlobHeader> read_header(std::span<const uint8_t> blob);
+// Writes the first kHeaderSize bytes of a header (magic included).
+void write_header(const BlobHeader& header, std::span<uint8_t, kHeaderSize> dest);
+
+// Validates the state and encodes it as a complete blob.
+[[nodiscard]] Result<std::vector<uint8_t>> encode(const SavedState& state);
+
+// Encodes straight into `dest` (e.g. a pre-sized state memfd mapping) and
+// returns the blob's size. Fails with "state (N bytes) does not fit the state
+// memfd (M bytes)" when it is too small. The header is written last, after
+// its magic has been cleared first, so a failed or interrupted encode never
+// leaves an older blob that still looks valid.
+[[nodiscard]] Result<size_t> encode_into(const SavedState& state, std::span<uint8_t> dest);
+
+// Checks the blob before trusting any of it (header, checksum, FDT structure,
+// every required property with its exact size, then validate()) and rebuilds
+// the state. Bytes after the blob are ignored. `blob` need not be aligned.
+[[nodiscard]] Result<SavedState> decode(std::span<const uint8_t> blob);
+
+}  // namespace vmm::migration
