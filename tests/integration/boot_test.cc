@@ -1,0 +1,185 @@
+// End-to-end: the real vmm binary boots the embedded test guest on /dev/kvm
+// and is driven through its control socket.
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/stat.h>
+
+#include <set>
+#include <thread>
+
+#include "tests/integration/vmm_process.h"
+
+namespace vmm::testing {
+namespace {
+
+using namespace std::chrono_literals;
+using nlohmann::json;
+
+#define REQUIRE_KVM()                                              \
+  do {                                                             \
+    std::string why;                                               \
+    if (!kvm_available(&why)) GTEST_SKIP() << why << ": skipping a test that boots a VM"; \
+  } while (0)
+
+#define ASSERT_OK(expr)                                            \
+  ({                                                               \
+    auto result_ = (expr);                                         \
+    ASSERT_TRUE(result_.has_value()) << result_.error().describe(); \
+    std::move(*result_);                                           \
+  })
+
+uint64_t heartbeat(VmmProcess& vm) {
+  auto reply = vm.command("query-guest");
+  return reply ? (*reply)["heartbeat"].get<uint64_t>() : 0;
+}
+
+struct BootCase {
+  const char* memory;
+  uint32_t vcpus;
+  const char* backing;
+};
+
+class Boot : public ::testing::TestWithParam<BootCase> {};
+
+// Boots, sees the heartbeat advance on every vCPU, then verifies every page.
+TEST_P(Boot, HeartbeatAdvancesAndEveryPageVerifies) {
+  REQUIRE_KVM();
+  const BootCase& param = GetParam();
+  auto vm = ASSERT_OK(VmmProcess::launch({"--memory", param.memory, "--vcpus", std::to_string(param.vcpus),
+                                          "--memory-backing", param.backing}));
+  auto first = ASSERT_OK(vm.wait_guest([](const json& g) { return g["heartbeat"].get<uint64_t>() > 0; }, 10s));
+  auto later = ASSERT_OK(vm.wait_guest(
+      [&](const json& g) { return g["heartbeat"].get<uint64_t>() > first["heartbeat"].get<uint64_t>() + 10; }, 10s));
+  EXPECT_EQ(later["vcpus_online"].get<uint32_t>(), param.vcpus);
+
+  auto verified = ASSERT_OK(vm.command("guest-verify", {{"timeout", 120}}));
+  auto guest = ASSERT_OK(vm.command("query-guest"));
+  EXPECT_EQ(verified["mismatches"].get<uint64_t>(), 0u) << verified.dump();
+  EXPECT_EQ(verified["pages_checked"].get<uint64_t>(), guest["pages_total"].get<uint64_t>());
+  // Every page of RAM above the guest's image (which sits just above 1 MiB).
+  const uint64_t ram_pages = ASSERT_OK(vm.command("query-memory"))[0]["size"].get<uint64_t>() / 4096;
+  EXPECT_GT(verified["pages_checked"].get<uint64_t>(), ram_pages * 9 / 10);
+  EXPECT_EQ(guest["last_verify"]["mismatches"].get<uint64_t>(), 0u);
+
+  auto vcpus = ASSERT_OK(vm.command("query-vcpus"));
+  ASSERT_EQ(vcpus.size(), param.vcpus);
+  std::set<int64_t> threads;
+  for (const auto& vcpu : vcpus) {
+    EXPECT_GT(vcpu["thread_id"].get<int64_t>(), 0);
+    threads.insert(vcpu["thread_id"].get<int64_t>());
+    EXPECT_GT(vcpu["exits"]["io"].get<uint64_t>(), 0u) << "every vCPU talks to the console";
+  }
+  EXPECT_EQ(threads.size(), param.vcpus);
+
+  ASSERT_OK(vm.command("quit"));
+  auto status = vm.wait_exit(20s);
+  ASSERT_TRUE(status.has_value());
+  EXPECT_TRUE(status->exited);
+  EXPECT_EQ(status->code, 0) << vm.stderr_text();
+  struct stat st{};
+  EXPECT_NE(::stat(vm.socket_path().c_str(), &st), 0) << "the socket is removed on exit";
+  EXPECT_NE(vm.console().find("test-guest:"), std::string::npos) << "the guest printed on the console";
+}
+
+INSTANTIATE_TEST_SUITE_P(Sizes, Boot,
+                         ::testing::Values(BootCase{"256M", 1, "guest_memfd"}, BootCase{"256M", 2, "guest_memfd"},
+                                           BootCase{"2G", 1, "guest_memfd"}, BootCase{"2G", 2, "guest_memfd"},
+                                           BootCase{"256M", 2, "memfd"}),
+                         [](const auto& info) {
+                           return std::string(info.param.memory) + "_" + std::to_string(info.param.vcpus) +
+                                  "vcpu_" + info.param.backing;
+                         });
+
+TEST(BootTiming, FirstHeartbeatWithinOneSecond) {
+  REQUIRE_KVM();
+  auto vm = ASSERT_OK(VmmProcess::launch({"--memory", "256M"}));
+  auto guest = ASSERT_OK(vm.wait_guest([](const json& g) { return g["heartbeat"].get<uint64_t>() > 0; }, 10s));
+  const auto elapsed = std::chrono::steady_clock::now() - vm.launched_at();
+  EXPECT_LT(elapsed, 1s) << "first heartbeat after "
+                         << std::chrono::duration_cast<std::chrono::milliseconds>(elapsed).count() << " ms";
+}
+
+TEST(PauseResume, StopFreezesTheGuestAndContResumesIt) {
+  REQUIRE_KVM();
+  auto vm = ASSERT_OK(VmmProcess::launch({"--vcpus", "2"}));
+  ASSERT_OK(vm.wait_guest([](const json& g) { return g["heartbeat"].get<uint64_t>() > 5; }, 10s));
+
+  ASSERT_OK(vm.command("stop"));
+  EXPECT_EQ(ASSERT_OK(vm.command("query-status")), (json{{"status", "paused"}, {"running", false}}));
+  const uint64_t frozen = heartbeat(vm);
+  std::this_thread::sleep_for(300ms);
+  EXPECT_EQ(heartbeat(vm), frozen) << "no heartbeat while paused";
+  for (const auto& vcpu : ASSERT_OK(vm.command("query-vcpus"))) EXPECT_EQ(vcpu["state"], "paused");
+  auto refused = ASSERT_OK(vm.client().execute("guest-verify"));
+  ASSERT_FALSE(refused.has_value());
+  EXPECT_NE(refused.error().desc.find("paused"), std::string::npos);
+
+  ASSERT_OK(vm.command("cont"));
+  EXPECT_EQ(ASSERT_OK(vm.command("query-status")), (json{{"status", "running"}, {"running", true}}));
+  ASSERT_OK(vm.wait_guest([&](const json& g) { return g["heartbeat"].get<uint64_t>() > frozen + 5; }, 10s));
+  // Events reached this client: STOP then RESUME.
+  auto events = vm.client().take_events();
+  std::vector<std::string> names;
+  for (const auto& event : events) names.push_back(event["event"]);
+  EXPECT_NE(std::ranges::find(names, "STOP"), names.end());
+  EXPECT_NE(std::ranges::find(names, "RESUME"), names.end());
+}
+
+TEST(Memory, QueryMemoryReportsGuestMemfdRamAndMemfdSharedRegion) {
+  REQUIRE_KVM();
+  auto vm = ASSERT_OK(VmmProcess::launch({"--memory", "256M", "--shared-memory", "32M"}));
+  auto regions = ASSERT_OK(vm.command("query-memory"));
+  ASSERT_EQ(regions.size(), 2u) << regions.dump();
+  EXPECT_EQ(regions[0]["name"], "ram0");
+  EXPECT_EQ(regions[0]["backing"], "guest_memfd");
+  EXPECT_EQ(regions[0]["gpa"], 0);
+  EXPECT_EQ(regions[0]["size"], 256ull << 20);
+  EXPECT_EQ(regions[1]["name"], "shared");
+  EXPECT_EQ(regions[1]["backing"], "memfd");
+  EXPECT_EQ(regions[1]["size"], 32ull << 20);
+  for (const auto& region : regions) {
+    EXPECT_GT(region["inode"].get<uint64_t>(), 0u);
+    EXPECT_GT(region["device"].get<uint64_t>(), 0u);
+  }
+  EXPECT_NE(regions[0]["inode"], regions[1]["inode"]);
+}
+
+TEST(Memory, RamAbove3GiBIsSplitAroundTheHole) {
+  REQUIRE_KVM();
+  auto vm = ASSERT_OK(VmmProcess::launch({"--memory", "4G", "--console", "none"}));
+  auto regions = ASSERT_OK(vm.command("query-memory"));
+  ASSERT_EQ(regions.size(), 3u) << regions.dump();
+  EXPECT_EQ(regions[0]["size"], 3ull << 30);
+  EXPECT_EQ(regions[1]["name"], "ram1");
+  EXPECT_EQ(regions[1]["gpa"], 4ull << 30);
+  EXPECT_EQ(regions[1]["size"], 1ull << 30);
+}
+
+class Shutdown : public ::testing::TestWithParam<int> {};
+
+TEST_P(Shutdown, SignalShutsDownCleanly) {
+  REQUIRE_KVM();
+  auto vm = ASSERT_OK(VmmProcess::launch({}));
+  ASSERT_OK(vm.wait_guest([](const json& g) { return g["heartbeat"].get<uint64_t>() > 0; }, 10s));
+  vm.signal(GetParam());
+  auto status = vm.wait_exit(20s);
+  ASSERT_TRUE(status.has_value());
+  EXPECT_TRUE(status->exited);
+  EXPECT_EQ(status->code, 0);
+  struct stat st{};
+  EXPECT_NE(::stat(vm.socket_path().c_str(), &st), 0);
+}
+INSTANTIATE_TEST_SUITE_P(Signals, Shutdown, ::testing::Values(SIGTERM, SIGINT));
+
+TEST(GuestShutdown, GuestRequestEndsTheVmm) {
+  REQUIRE_KVM();
+  auto vm = ASSERT_OK(VmmProcess::launch({"--cmdline", "exit-after=20"}));
+  auto status = vm.wait_exit(20s);
+  ASSERT_TRUE(status.has_value()) << "the guest asks to exit after 20 heartbeats";
+  EXPECT_TRUE(status->exited);
+  EXPECT_EQ(status->code, 0) << vm.stderr_text();
+  EXPECT_NE(vm.stderr_text().find("guest requested shutdown"), std::string::npos) << vm.stderr_text();
+}
+
+}  // namespace
+}  // namespace vmm::testing

@@ -1,0 +1,83 @@
+// Runs the real `vmm` binary as a child process for end-to-end tests, with a
+// control socket, console and stderr in a private temporary directory.
+#pragma once
+
+#include <sys/types.h>
+
+#include <chrono>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "kvm/result.h"
+#include "vmm/control/client.h"
+
+namespace vmm::testing {
+
+// Skips the current test unless /dev/kvm can be opened.
+bool kvm_available(std::string* why);
+
+struct ExitStatus {
+  bool exited = false;  // false: killed by a signal
+  int code = 0;         // exit code or signal number
+};
+
+class VmmProcess {
+ public:
+  // Starts `vmm run --control-socket DIR/vmm.sock --console DIR/console.log
+  // ARGS...` and waits (up to `timeout`) until the socket accepts clients.
+  [[nodiscard]] static Result<VmmProcess> launch(std::vector<std::string> args,
+                                                 std::chrono::milliseconds timeout = std::chrono::seconds(30));
+  // Runs `vmm ARGS...` to completion (for bad-input tests).
+  [[nodiscard]] static Result<std::pair<ExitStatus, std::string>> run_to_exit(
+      std::vector<std::string> args, std::chrono::milliseconds timeout = std::chrono::seconds(30));
+
+  VmmProcess(VmmProcess&& other) noexcept;
+  VmmProcess& operator=(VmmProcess&&) = delete;
+  ~VmmProcess();  // SIGKILL if still running; removes the directory
+
+  // A new negotiated client.
+  [[nodiscard]] Result<control::Client> connect() const;
+  // A client kept by the process object for convenience.
+  [[nodiscard]] control::Client& client() { return *client_; }
+  // Runs a command that must succeed; the error describes the reply otherwise.
+  [[nodiscard]] Result<nlohmann::json> command(const std::string& name,
+                                               const nlohmann::json& arguments = nlohmann::json::object());
+
+  [[nodiscard]] std::optional<ExitStatus> wait_exit(std::chrono::milliseconds timeout);
+  void signal(int signo) const;
+  [[nodiscard]] pid_t pid() const { return pid_; }
+  [[nodiscard]] const std::string& socket_path() const { return socket_; }
+  [[nodiscard]] const std::string& directory() const { return dir_; }
+  [[nodiscard]] std::string console() const;
+  [[nodiscard]] std::string stderr_text() const;
+  [[nodiscard]] std::chrono::steady_clock::time_point launched_at() const { return launched_; }
+
+  // Polls query-guest until `predicate(reply)` or the timeout.
+  template <class Predicate>
+  Result<nlohmann::json> wait_guest(Predicate predicate, std::chrono::milliseconds timeout) {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    nlohmann::json last;
+    while (std::chrono::steady_clock::now() < deadline) {
+      auto reply = command("query-guest");
+      if (!reply) return std::unexpected(reply.error());
+      last = *reply;
+      if (predicate(last)) return last;
+      ::usleep(5000);
+    }
+    return fail("timed out waiting for the guest; last query-guest: " + last.dump());
+  }
+
+ private:
+  VmmProcess() = default;
+  pid_t pid_ = -1;
+  std::string dir_;
+  std::string socket_;
+  std::chrono::steady_clock::time_point launched_;
+  std::optional<control::Client> client_;
+  bool reaped_ = false;
+};
+
+std::string vmm_binary();
+
+}  // namespace vmm::testing

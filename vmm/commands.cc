@@ -1,0 +1,157 @@
+#include "vmm/commands.h"
+
+#include <algorithm>
+
+#include <fmt/format.h>
+
+namespace vmm {
+namespace {
+
+using nlohmann::json;
+using control::CommandError;
+
+std::unexpected<CommandError> generic_error(std::string desc) {
+  return std::unexpected(CommandError{control::kGenericError, std::move(desc)});
+}
+
+json verify_json(const devices::VerifyResult& result) {
+  json out = {{"pages_checked", result.pages_checked},
+              {"mismatches", result.mismatches},
+              {"duration_us", result.duration.count()}};
+  if (result.first_mismatch_gpa) out["first_mismatch_gpa"] = *result.first_mismatch_gpa;
+  return out;
+}
+
+const char* phase_name(uint64_t phase) {
+  switch (phase) {
+    case VMM_GUEST_PHASE_BOOTING: return "booting";
+    case VMM_GUEST_PHASE_STAMPING: return "stamping";
+    case VMM_GUEST_PHASE_RUNNING: return "running";
+    default: return "unknown";
+  }
+}
+
+const char* vcpu_state_name(VcpuThread::State state) {
+  switch (state) {
+    case VcpuThread::State::created: return "created";
+    case VcpuThread::State::running: return "running";
+    case VcpuThread::State::paused: return "paused";
+    case VcpuThread::State::exited: return "exited";
+  }
+  return "unknown";
+}
+
+}  // namespace
+
+MachineCommands::MachineCommands(Machine& machine) : machine_(machine) {
+  add("query-status", {}, [this](const json&) { return query_status(); });
+  add("stop", {}, [this](const json&) -> control::CommandResult {
+    if (auto paused = machine_.pause(); !paused) return generic_error(paused.error().describe());
+    return json::object();
+  });
+  add("cont", {}, [this](const json&) -> control::CommandResult {
+    if (auto resumed = machine_.resume(); !resumed) return generic_error(resumed.error().describe());
+    return json::object();
+  });
+  add("quit", {}, [this](const json&) -> control::CommandResult {
+    machine_.request_shutdown("quit requested on the control socket", false);
+    return json::object();
+  });
+  add("query-memory", {}, [this](const json&) { return query_memory(); });
+  add("query-vcpus", {}, [this](const json&) { return query_vcpus(); });
+  add("query-guest", {}, [this](const json&) { return query_guest(); });
+  add("guest-verify", {"timeout"}, [this](const json& args) { return guest_verify(args); });
+}
+
+void MachineCommands::add(std::string name, std::vector<std::string> allowed_arguments, Command command) {
+  commands_.emplace(std::move(name), Entry{std::move(allowed_arguments), std::move(command)});
+}
+
+std::vector<std::string> MachineCommands::names() const {
+  std::vector<std::string> out;
+  for (const auto& [name, entry] : commands_) out.push_back(name);
+  return out;
+}
+
+control::CommandResult MachineCommands::execute(const std::string& command, const json& arguments) {
+  auto it = commands_.find(command);
+  if (it == commands_.end())
+    return std::unexpected(CommandError{control::kCommandNotFound,
+                                        fmt::format("The command {} has not been found", command)});
+  for (const auto& [key, value] : arguments.items()) {
+    if (std::ranges::find(it->second.allowed_arguments, key) == it->second.allowed_arguments.end())
+      return generic_error(fmt::format("Parameter '{}' is unexpected for command {}", key, command));
+  }
+  return it->second.run(arguments);
+}
+
+control::CommandResult MachineCommands::query_status() {
+  const RunState state = machine_.run_state();
+  return json{{"status", to_string(state)}, {"running", state == RunState::running}};
+}
+
+control::CommandResult MachineCommands::query_memory() {
+  json regions = json::array();
+  for (const auto& region : machine_.memory_info()) {
+    regions.push_back({{"name", region.name},
+                       {"gpa", region.gpa},
+                       {"size", region.size},
+                       {"backing", memory::to_string(region.backing)},
+                       {"slot", memory::to_string(region.slot_kind)},
+                       {"inode", region.inode},
+                       {"device", region.device}});
+  }
+  return regions;
+}
+
+control::CommandResult MachineCommands::query_vcpus() {
+  json vcpus = json::array();
+  for (const auto& vcpu : machine_.vcpu_info()) {
+    vcpus.push_back({{"id", vcpu.id},
+                     {"thread_id", vcpu.thread_id},
+                     {"state", vcpu_state_name(vcpu.state)},
+                     {"exits",
+                      {{"io", vcpu.exits.io},
+                       {"mmio", vcpu.exits.mmio},
+                       {"hlt", vcpu.exits.hlt},
+                       {"interrupted", vcpu.exits.interrupted},
+                       {"other", vcpu.exits.other}}}});
+  }
+  return vcpus;
+}
+
+control::CommandResult MachineCommands::query_guest() {
+  auto& guest = machine_.guest();
+  const auto status = guest.status();
+  json out = {{"heartbeat", status.heartbeat},
+              {"heartbeat_tsc", status.heartbeat_tsc},
+              {"phase", phase_name(status.phase)},
+              {"vcpus_online", status.vcpus_online},
+              {"pages_total", status.pages_total},
+              {"pages_stamped", status.pages_stamped},
+              {"pages_dirtied", status.pages_dirtied},
+              {"tsc_khz", guest.tsc_khz()}};
+  if (auto last = guest.last_verify()) out["last_verify"] = verify_json(*last);
+  else out["last_verify"] = nullptr;
+  return out;
+}
+
+control::CommandResult MachineCommands::guest_verify(const json& arguments) {
+  double timeout_seconds = 60;
+  if (arguments.contains("timeout")) {
+    const json& value = arguments["timeout"];
+    if (!value.is_number() || value.get<double>() <= 0 || value.get<double>() > 3600)
+      return generic_error("Parameter 'timeout' expects a number of seconds between 0 and 3600");
+    timeout_seconds = value.get<double>();
+  }
+  if (machine_.run_state() != RunState::running)
+    return generic_error(fmt::format("the VM is {}: the guest can only verify its memory while "
+                                     "running (send 'cont' first)",
+                                     to_string(machine_.run_state())));
+  auto result = machine_.guest().verify(
+      std::chrono::milliseconds(static_cast<int64_t>(timeout_seconds * 1000)));
+  if (!result) return generic_error(result.error().describe());
+  return verify_json(*result);
+}
+
+}  // namespace vmm

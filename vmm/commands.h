@@ -1,0 +1,40 @@
+// The control socket's commands, carried out on a Machine.
+#pragma once
+
+#include <chrono>
+#include <functional>
+#include <map>
+#include <string>
+
+#include "vmm/control/handler.h"
+#include "vmm/machine.h"
+
+namespace vmm {
+
+class MachineCommands final : public control::CommandHandler {
+ public:
+  explicit MachineCommands(Machine& machine);
+  control::CommandResult execute(const std::string& command, const nlohmann::json& arguments) override;
+
+  // Names of every command, for error messages and docs.
+  [[nodiscard]] std::vector<std::string> names() const;
+
+ private:
+  using Command = std::function<control::CommandResult(const nlohmann::json&)>;
+  void add(std::string name, std::vector<std::string> allowed_arguments, Command command);
+
+  control::CommandResult query_status();
+  control::CommandResult query_memory();
+  control::CommandResult query_vcpus();
+  control::CommandResult query_guest();
+  control::CommandResult guest_verify(const nlohmann::json& arguments);
+
+  struct Entry {
+    std::vector<std::string> allowed_arguments;
+    Command run;
+  };
+  Machine& machine_;
+  std::map<std::string, Entry> commands_;
+};
+
+}  // namespace vmm

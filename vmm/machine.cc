@@ -1,0 +1,349 @@
+#include "vmm/machine.h"
+
+#include <sys/eventfd.h>
+#include <sys/stat.h>
+
+#include <fstream>
+#include <random>
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include "guest/embedded.h"
+#include "vmm/pvh.h"
+#include "vmm/size.h"
+
+namespace vmm {
+namespace {
+
+using namespace std::chrono;
+
+// Where KVM puts its real-mode TSS and identity page table on Intel hosts:
+// in the hole below 4 GiB, clear of the shared region and the APICs.
+constexpr uint64_t kKvmTssGpa = 0xfffb'd000;
+constexpr uint64_t kKvmIdentityMapGpa = 0xfffb'c000;
+constexpr uint16_t kExitPortBase = VMM_GUEST_EXIT_PORT;
+
+// MemAvailable from /proc/meminfo, in bytes (0 when unknown).
+uint64_t host_available_memory() {
+  std::ifstream meminfo("/proc/meminfo");
+  std::string key;
+  uint64_t value = 0;
+  std::string unit;
+  while (meminfo >> key >> value >> unit)
+    if (key == "MemAvailable:") return value * 1024;
+  return 0;
+}
+
+// PVH entry state: 32-bit protected mode, flat segments, paging off,
+// %ebx = hvm_start_info (the layout Xen's PVH ABI specifies).
+Result<void> set_pvh_entry_state(kvm::Vcpu& vcpu, uint32_t entry) {
+  VMM_TRY_ASSIGN(sregs, vcpu.get_sregs());
+  auto flat = [](kvm_segment& seg, uint16_t selector, uint8_t type) {
+    seg = kvm_segment{};
+    seg.base = 0;
+    seg.limit = 0xffffffff;
+    seg.selector = selector;
+    seg.type = type;
+    seg.present = 1;
+    seg.s = 1;
+    seg.db = 1;
+    seg.g = 1;
+  };
+  flat(sregs.cs, 0x10, 0xb);  // execute/read, accessed
+  for (kvm_segment* seg : {&sregs.ds, &sregs.es, &sregs.fs, &sregs.gs, &sregs.ss})
+    flat(*seg, 0x18, 0x3);  // read/write, accessed
+  sregs.tr = kvm_segment{};
+  sregs.tr.limit = 0x67;
+  sregs.tr.selector = 0x20;
+  sregs.tr.type = 0xb;  // busy 32-bit TSS
+  sregs.tr.present = 1;
+  sregs.cr0 = 0x11;  // PE | ET
+  sregs.cr3 = 0;
+  sregs.cr4 = 0;
+  sregs.efer = 0;
+  VMM_TRY(vcpu.set_sregs(sregs));
+
+  kvm_regs regs{};
+  regs.rip = entry;
+  regs.rbx = pvh::kStartInfoGpa;
+  regs.rflags = 0x2;
+  VMM_TRY(vcpu.set_regs(regs));
+  return {};
+}
+
+}  // namespace
+
+const char* to_string(RunState state) {
+  switch (state) {
+    case RunState::running: return "running";
+    case RunState::paused: return "paused";
+    case RunState::shutdown: return "shutdown";
+  }
+  return "unknown";
+}
+
+Machine::Machine(MachineConfig config, kvm::System system, kvm::Capabilities caps, kvm::Vm vm,
+                 memory::GuestMemory memory, UniqueFd shutdown_event)
+    : config_(std::move(config)), system_(std::move(system)), caps_(caps), vm_(std::move(vm)),
+      memory_(std::move(memory)), shutdown_event_(std::move(shutdown_event)) {}
+
+Machine::~Machine() { stop(); }
+
+Result<std::unique_ptr<Machine>> Machine::create(const MachineConfig& config) {
+  if (config.vcpus == 0 || config.vcpus > kMaxVcpus)
+    return fail(fmt::format("--vcpus {} is out of range: use 1 to {}", config.vcpus, kMaxVcpus));
+
+  // Everything that can be checked without touching KVM comes first.
+  VMM_TRY_ASSIGN(layout, memory::MemoryLayout::plan(config.ram_size, config.shared_size, config.ram_backing));
+  if (const uint64_t available = host_available_memory();
+      available != 0 && config.ram_size + config.shared_size > available)
+    return fail(fmt::format("--memory {} (plus {} shared) is more than this host can give: {} available",
+                            format_size(config.ram_size), format_size(config.shared_size),
+                            format_size(available & ~uint64_t{0xfffff})));
+
+  std::vector<uint8_t> kernel_file;
+  std::span<const uint8_t> kernel;
+  std::string origin = "the embedded test guest";
+  if (config.kernel_path) {
+    VMM_TRY_ASSIGN(bytes, pvh::read_file(*config.kernel_path));
+    kernel_file = std::move(bytes);
+    kernel = kernel_file;
+    origin = "kernel '" + *config.kernel_path + "'";
+  } else {
+    kernel = guest::test_guest_image();
+  }
+  VMM_TRY_ASSIGN(image, pvh::parse(kernel, origin));
+
+  devices::ConsoleSink console = devices::ConsoleSink::none();
+  if (config.console == ConsoleKind::stdout_console) console = devices::ConsoleSink::stdout_sink();
+  if (config.console == ConsoleKind::file) {
+    VMM_TRY_ASSIGN(sink, devices::ConsoleSink::file(config.console_path));
+    console = std::move(sink);
+  }
+
+  const auto started = steady_clock::now();
+  VMM_TRY_ASSIGN(system, kvm::System::open(config.kvm_path));
+  VMM_TRY_ASSIGN(caps, system.probe());
+  if (config.vcpus > static_cast<uint32_t>(caps.max_vcpus))
+    return fail(fmt::format("--vcpus {} is more than this host's KVM allows ({})", config.vcpus, caps.max_vcpus));
+  if (config.ram_backing == memory::Backing::guest_memfd && !caps.guest_memfd_mmap())
+    return fail("this host's KVM lacks guest_memfd mmap support (KVM_CAP_GUEST_MEMFD_FLAGS lacks "
+                "MMAP|INIT_SHARED); use --memory-backing memfd");
+
+  VMM_TRY_ASSIGN(vm, system.create_vm());
+  VMM_TRY(vm.set_tss_addr(kKvmTssGpa));
+  VMM_TRY(vm.set_identity_map_addr(kKvmIdentityMapGpa));
+  VMM_TRY(vm.create_irqchip());
+  VMM_TRY(vm.create_pit2());
+  VMM_TRY_ASSIGN(memory, memory::GuestMemory::create(vm, layout));
+  VMM_TRY_ASSIGN(entry, pvh::load(memory, kernel, image, config.cmdline));
+
+  UniqueFd shutdown_event(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  if (!shutdown_event) return fail_errno("cannot create the shutdown eventfd");
+
+  std::unique_ptr<Machine> machine(new Machine(config, std::move(system), caps, std::move(vm),
+                                               std::move(memory), std::move(shutdown_event)));
+  VMM_TRY(machine->build_devices(std::move(console)));
+  VMM_TRY(machine->create_vcpus(entry));
+  spdlog::debug("VM '{}' built in {} us: {} RAM in {}, {} shared memfd, {} vCPU(s), {}",
+               config.name, duration_cast<microseconds>(steady_clock::now() - started).count(),
+               format_size(config.ram_size), memory::to_string(config.ram_backing),
+               format_size(config.shared_size), config.vcpus, origin);
+  return machine;
+}
+
+Result<void> Machine::build_devices(devices::ConsoleSink console) {
+  serial_ = std::make_unique<devices::Serial>(std::move(console), [this](bool level) {
+    if (auto set = vm_.set_irq_line(devices::kCom1Irq, level); !set)
+      spdlog::warn("serial interrupt: {}", set.error().describe());
+  });
+  VMM_TRY(pio_bus_.add(devices::kCom1Base, 8, serial_.get()));
+  exit_port_ = std::make_unique<devices::ExitPort>([this](uint8_t code) {
+    request_shutdown(fmt::format("the guest requested shutdown (exit code {})", code), true);
+  });
+  VMM_TRY(pio_bus_.add(kExitPortBase, 1, exit_port_.get()));
+
+  const memory::Region* shared = memory_.region("shared");
+  if (!shared) return fail("the memory layout has no shared region");
+  guest_link_ = std::make_unique<devices::TestGuestLink>(shared->host(), shared->size());
+  return {};
+}
+
+Result<void> Machine::create_vcpus(uint32_t entry) {
+  VMM_TRY_ASSIGN(cpuid, system_.supported_cpuid());
+  uint64_t tsc_khz = 0;
+  for (uint32_t id = 0; id < config_.vcpus; ++id) {
+    VMM_TRY_ASSIGN(vcpu, vm_.create_vcpu(id));
+    VMM_TRY(vcpu.set_cpuid(cpuid));
+    VMM_TRY(set_pvh_entry_state(vcpu, entry));
+    if (id != 0) {
+      // PVH starts only the boot CPU; our test guest expects every vCPU at
+      // the entry point, so the others are made runnable directly.
+      VMM_TRY(vcpu.set_mp_state(kvm_mp_state{KVM_MP_STATE_RUNNABLE}));
+    } else if (caps_.tsc_khz) {
+      if (auto khz = vcpu.get_tsc_khz(); khz) tsc_khz = *khz;
+    }
+    vcpus_.push_back(std::make_unique<VcpuThread>(std::move(vcpu), *this));
+  }
+  std::random_device entropy;
+  const uint64_t seed = (uint64_t{entropy()} << 32) | entropy();
+  guest_link_->configure(config_.vcpus, seed, tsc_khz);
+  spdlog::debug("test guest seed 0x{:x}, TSC {} kHz", seed, tsc_khz);
+  return {};
+}
+
+Result<void> Machine::start() {
+  std::lock_guard lock(state_mutex_);
+  if (state_ == RunState::shutdown) return fail("the VM has shut down");
+  for (auto& vcpu : vcpus_) VMM_TRY(vcpu->start(true));
+  state_ = RunState::running;
+  return {};
+}
+
+Result<microseconds> Machine::pause(milliseconds timeout) {
+  std::lock_guard lock(state_mutex_);
+  if (state_ == RunState::shutdown) return fail("the VM has shut down");
+  if (state_ == RunState::paused) return microseconds(0);
+  const auto begin = steady_clock::now();
+  for (auto& vcpu : vcpus_) vcpu->request_pause();
+  const auto deadline = begin + timeout;
+  for (auto& vcpu : vcpus_) {
+    if (!vcpu->wait_paused(deadline)) {
+      // Leave no vCPU half-stopped: let the others run again.
+      for (auto& other : vcpus_) other->resume();
+      return fail(fmt::format("vCPU {} did not pause within {} ms", vcpu->id(), timeout.count()),
+                  ETIMEDOUT);
+    }
+  }
+  const auto took = duration_cast<microseconds>(steady_clock::now() - begin);
+  state_ = RunState::paused;
+  last_pause_latency_ = took;
+  spdlog::debug("paused {} vCPU(s) in {} us", vcpus_.size(), took.count());
+  emit_event("STOP", nlohmann::json::object());
+  return took;
+}
+
+Result<void> Machine::resume() {
+  std::lock_guard lock(state_mutex_);
+  if (state_ == RunState::shutdown) return fail("the VM has shut down");
+  if (state_ == RunState::running) return {};
+  for (auto& vcpu : vcpus_) vcpu->resume();
+  state_ = RunState::running;
+  emit_event("RESUME", nlohmann::json::object());
+  return {};
+}
+
+RunState Machine::run_state() const {
+  std::lock_guard lock(state_mutex_);
+  return state_;
+}
+
+std::optional<microseconds> Machine::last_pause_latency() const {
+  std::lock_guard lock(state_mutex_);
+  return last_pause_latency_;
+}
+
+void Machine::request_shutdown(const std::string& reason, bool by_guest) {
+  {
+    std::lock_guard lock(state_mutex_);
+    if (!shutdown_reason_.empty()) return;
+    shutdown_reason_ = reason;
+  }
+  spdlog::info("shutting down: {}", reason);
+  emit_event("SHUTDOWN", {{"guest", by_guest}, {"reason", reason}});
+  const uint64_t one = 1;
+  [[maybe_unused]] ssize_t n = ::write(shutdown_event_.get(), &one, sizeof one);
+}
+
+std::string Machine::shutdown_reason() const {
+  std::lock_guard lock(state_mutex_);
+  return shutdown_reason_;
+}
+
+bool Machine::shutdown_failed() const {
+  std::lock_guard lock(state_mutex_);
+  return shutdown_failed_;
+}
+
+void Machine::stop() {
+  for (auto& vcpu : vcpus_) vcpu->exit();
+  if (serial_) serial_->flush();
+  std::lock_guard lock(state_mutex_);
+  state_ = RunState::shutdown;
+}
+
+std::vector<RegionInfo> Machine::memory_info() const {
+  std::vector<RegionInfo> regions;
+  for (const auto& region : memory_.regions()) {
+    RegionInfo info{region->spec().name, region->gpa(), region->size(), region->spec().backing,
+                    region->slot_kind(), 0, 0};
+    struct stat st{};
+    if (::fstat(region->fd().get(), &st) == 0) {
+      info.inode = st.st_ino;
+      info.device = st.st_dev;
+    }
+    regions.push_back(std::move(info));
+  }
+  return regions;
+}
+
+std::vector<VcpuInfo> Machine::vcpu_info() const {
+  std::vector<VcpuInfo> infos;
+  for (const auto& vcpu : vcpus_)
+    infos.push_back({vcpu->id(), vcpu->thread_id(), vcpu->state(), vcpu->exit_counts()});
+  return infos;
+}
+
+void Machine::set_event_sink(EventSink sink) {
+  std::lock_guard lock(event_mutex_);
+  event_sink_ = std::move(sink);
+}
+
+void Machine::emit_event(const std::string& name, const nlohmann::json& data) {
+  std::lock_guard lock(event_mutex_);
+  if (event_sink_) event_sink_(name, data);
+}
+
+void Machine::io_in(uint16_t port, std::span<uint8_t> data) {
+  if (!pio_bus_.read(port, data)) {
+    std::ranges::fill(data, 0xff);  // nothing there: the bus floats high
+    if (unclaimed_accesses_.fetch_add(1) < 16) spdlog::debug("unclaimed port read 0x{:x}", port);
+  }
+}
+
+VcpuExitHandler::Next Machine::io_out(uint16_t port, std::span<const uint8_t> data) {
+  if (!pio_bus_.write(port, data)) {
+    if (unclaimed_accesses_.fetch_add(1) < 16) spdlog::debug("unclaimed port write 0x{:x}", port);
+    return Next::resume_guest;
+  }
+  // The exit port parks the writing vCPU: the VM is going away.
+  return port == kExitPortBase ? Next::park : Next::resume_guest;
+}
+
+void Machine::mmio_read(uint64_t address, std::span<uint8_t> data) {
+  if (!mmio_bus_.read(address, data)) {
+    std::ranges::fill(data, 0xff);
+    if (unclaimed_accesses_.fetch_add(1) < 16) spdlog::debug("unclaimed MMIO read 0x{:x}", address);
+  }
+}
+
+void Machine::mmio_write(uint64_t address, std::span<const uint8_t> data) {
+  if (!mmio_bus_.write(address, data) && unclaimed_accesses_.fetch_add(1) < 16)
+    spdlog::debug("unclaimed MMIO write 0x{:x}", address);
+}
+
+void Machine::guest_system_event(uint32_t vcpu, uint32_t type) {
+  request_shutdown(fmt::format("vCPU {} requested a system event (type {})", vcpu, type), true);
+}
+
+void Machine::vcpu_failed(uint32_t vcpu, const std::string& why) {
+  spdlog::error("vCPU {} stopped: {}", vcpu, why);
+  {
+    std::lock_guard lock(state_mutex_);
+    shutdown_failed_ = true;
+  }
+  request_shutdown(fmt::format("vCPU {} failed: {}", vcpu, why), false);
+}
+
+}  // namespace vmm

@@ -1,0 +1,141 @@
+// A running virtual machine: KVM VM, guest memory, vCPU threads and devices.
+// Built from a MachineConfig; paused, resumed and stopped by the control
+// socket, signals, or the guest.
+#pragma once
+
+#include <sys/types.h>
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "kvm/result.h"
+#include "kvm/system.h"
+#include "kvm/vm.h"
+#include "memory/guest_memory.h"
+#include "vmm/devices/bus.h"
+#include "vmm/devices/serial.h"
+#include "vmm/devices/test_guest.h"
+#include "vmm/vcpu_thread.h"
+
+namespace vmm {
+
+enum class ConsoleKind { stdout_console, none, file };
+
+struct MachineConfig {
+  std::string name;  // names the VM (and its live-update session)
+  uint64_t ram_size = 256ULL << 20;
+  uint64_t shared_size = memory::kDefaultSharedSize;
+  uint32_t vcpus = 1;
+  memory::Backing ram_backing = memory::Backing::guest_memfd;
+  std::optional<std::string> kernel_path;  // empty: the embedded test guest
+  std::string cmdline;
+  ConsoleKind console = ConsoleKind::stdout_console;
+  std::string console_path;
+  std::string kvm_path = "/dev/kvm";
+};
+
+inline constexpr uint32_t kMaxVcpus = 32;  // the test guest protocol's limit
+
+enum class RunState { running, paused, shutdown };
+[[nodiscard]] const char* to_string(RunState state);
+
+struct RegionInfo {
+  std::string name;
+  uint64_t gpa = 0, size = 0;
+  memory::Backing backing{};
+  memory::SlotKind slot_kind{};
+  uint64_t inode = 0, device = 0;
+};
+
+struct VcpuInfo {
+  uint32_t id = 0;
+  pid_t thread_id = 0;
+  VcpuThread::State state{};
+  VcpuExitCounts exits;
+};
+
+// Receives events for the control socket: QMP name and data.
+using EventSink = std::function<void(const std::string& name, const nlohmann::json& data)>;
+
+class Machine final : public VcpuExitHandler {
+ public:
+  // Validates the configuration and builds the whole VM, vCPUs parked. On
+  // failure nothing is left behind.
+  [[nodiscard]] static Result<std::unique_ptr<Machine>> create(const MachineConfig& config);
+  ~Machine() override;
+
+  // Starts the vCPU threads running the guest.
+  [[nodiscard]] Result<void> start();
+  // Parks every vCPU; returns how long that took. Bounded by `timeout`.
+  [[nodiscard]] Result<std::chrono::microseconds> pause(
+      std::chrono::milliseconds timeout = std::chrono::milliseconds(2000));
+  [[nodiscard]] Result<void> resume();
+  [[nodiscard]] RunState run_state() const;
+
+  // Asks the main loop to shut the VM down (from any thread); idempotent.
+  void request_shutdown(const std::string& reason, bool by_guest);
+  // Readable once a shutdown was requested (for poll()).
+  [[nodiscard]] FdRef shutdown_fd() const { return shutdown_event_.ref(); }
+  [[nodiscard]] std::string shutdown_reason() const;
+  [[nodiscard]] bool shutdown_failed() const;
+  // Stops every vCPU thread for good and flushes the console.
+  void stop();
+
+  [[nodiscard]] std::vector<RegionInfo> memory_info() const;
+  [[nodiscard]] std::vector<VcpuInfo> vcpu_info() const;
+  [[nodiscard]] devices::TestGuestLink& guest() { return *guest_link_; }
+  [[nodiscard]] const MachineConfig& config() const { return config_; }
+  [[nodiscard]] const memory::GuestMemory& memory() const { return memory_; }
+  [[nodiscard]] std::optional<std::chrono::microseconds> last_pause_latency() const;
+
+  void set_event_sink(EventSink sink);
+  void emit_event(const std::string& name, const nlohmann::json& data);
+
+  // VcpuExitHandler
+  void io_in(uint16_t port, std::span<uint8_t> data) override;
+  Next io_out(uint16_t port, std::span<const uint8_t> data) override;
+  void mmio_read(uint64_t address, std::span<uint8_t> data) override;
+  void mmio_write(uint64_t address, std::span<const uint8_t> data) override;
+  void guest_system_event(uint32_t vcpu, uint32_t type) override;
+  void vcpu_failed(uint32_t vcpu, const std::string& why) override;
+
+ private:
+  Machine(MachineConfig config, kvm::System system, kvm::Capabilities caps, kvm::Vm vm,
+          memory::GuestMemory memory, UniqueFd shutdown_event);
+  [[nodiscard]] Result<void> build_devices(devices::ConsoleSink console);
+  [[nodiscard]] Result<void> create_vcpus(uint32_t entry);
+
+  MachineConfig config_;
+  kvm::System system_;
+  kvm::Capabilities caps_;
+  kvm::Vm vm_;
+  memory::GuestMemory memory_;
+  UniqueFd shutdown_event_;
+
+  devices::Bus pio_bus_{"port I/O"};
+  devices::Bus mmio_bus_{"MMIO"};
+  std::unique_ptr<devices::Serial> serial_;
+  std::unique_ptr<devices::ExitPort> exit_port_;
+  std::unique_ptr<devices::TestGuestLink> guest_link_;
+  std::vector<std::unique_ptr<VcpuThread>> vcpus_;
+
+  mutable std::mutex state_mutex_;  // guards the run state and serializes pause/resume
+  RunState state_ = RunState::paused;
+  std::string shutdown_reason_;
+  bool shutdown_failed_ = false;
+  std::optional<std::chrono::microseconds> last_pause_latency_;
+
+  std::mutex event_mutex_;
+  EventSink event_sink_;
+  std::atomic<uint64_t> unclaimed_accesses_{0};
+};
+
+}  // namespace vmm

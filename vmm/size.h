@@ -1,0 +1,19 @@
+// Human-friendly byte sizes on the command line: "256M", "2G", "4096".
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+#include "kvm/result.h"
+
+namespace vmm {
+
+// Parses a size with an optional binary suffix (K, M, G, T, optionally
+// followed by "iB" or "B"; case-insensitive). "what" names the option in errors.
+[[nodiscard]] Result<uint64_t> parse_size(std::string_view text, std::string_view what);
+
+// "256 MiB", "2 GiB", "4097 bytes".
+[[nodiscard]] std::string format_size(uint64_t bytes);
+
+}  // namespace vmm
