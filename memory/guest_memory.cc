@@ -73,13 +73,14 @@ std::optional<uint64_t> host_available_memory() {
 // the OOM killer (guest_memfd and memfd allocations fail late, if at all),
 // so an impossible request is refused before anything is allocated.
 Result<void> check_host_can_provide(const MemoryLayout& layout) {
-  uint64_t total = 0;
-  for (const RegionSpec& spec : layout.regions) total += spec.size;
+  const uint64_t ram = layout.ram_size();
+  const uint64_t shared = layout.shared() != nullptr ? layout.shared()->size : 0;
   const std::optional<uint64_t> available = host_available_memory();
-  if (available && total > *available) {
-    return fail(fmt::format("guest memory of {} was asked for, but the host cannot provide it: "
-                            "only {} is available (MemAvailable); lower the guest's memory size",
-                            format_size(total), format_size(*available)),
+  if (available && ram + shared > *available) {
+    return fail(fmt::format("{} of guest RAM (+ {} shared) was asked for, but the host cannot "
+                            "provide it: only {} is available (MemAvailable); lower the guest's "
+                            "memory size",
+                            format_size(ram), format_size(shared), format_size(*available)),
                 ENOMEM);
   }
   return {};
