@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 #include <libfdt.h>
 
+#include <algorithm>
 #include <cstring>
 #include <random>
 #include <set>
