@@ -119,6 +119,8 @@ static struct vcpu_state vcpu_states[GUEST_MAX_CPUS];
 static struct hvm_memmap_table_entry memmap_copy[MAX_MEMMAP_ENTRIES];
 /* vCPU 0 only. */
 static uint64_t heartbeat_count;
+static uint64_t heartbeat_last_tsc;
+static uint64_t heartbeat_max_gap; /* TSC cycles, since the last heartbeat line */
 static uint64_t stamp_done_tsc;
 static uint64_t exit_requested;
 
@@ -529,6 +531,11 @@ static void publish_heartbeat(void) {
   compiler_barrier();
   shared->heartbeat = next;
   heartbeat_count = next;
+  /* A TSC that went backwards (a restore elsewhere) is no gap. */
+  if (heartbeat_last_tsc != 0 && tsc > heartbeat_last_tsc &&
+      tsc - heartbeat_last_tsc > heartbeat_max_gap)
+    heartbeat_max_gap = tsc - heartbeat_last_tsc;
+  heartbeat_last_tsc = tsc;
 }
 
 static uint64_t all_pages_stamped(void) {
@@ -567,10 +574,12 @@ static void log_heartbeat(void) {
                    tsc_to_us(config.shared->heartbeat_tsc - config.boot_tsc));
   if (heartbeat_count != 1 && heartbeat_count % config.heartbeats_per_log != 0) return;
   const struct vcpu_state *state = &vcpu_states[0];
-  console_printf("test-guest: heartbeat %lu: %s, %lu/%lu pages stamped, vcpu 0: %lu ticks, "
-                 "pass %lu, %lu pages dirtied\n",
+  console_printf("test-guest: heartbeat %lu: %s, %lu/%lu pages stamped, max gap %lu us; "
+                 "vcpu 0: %lu ticks, pass %lu, %lu pages dirtied\n",
                  heartbeat_count, stamp_done_tsc ? "running" : "stamping", all_pages_stamped(),
-                 config.pages_total, *cpu_tick_counter(0), state->pass, state->pages_dirtied);
+                 config.pages_total, tsc_to_us(heartbeat_max_gap), *cpu_tick_counter(0),
+                 state->pass, state->pages_dirtied);
+  heartbeat_max_gap = 0;
 }
 
 static void exit_if_due(void) {
