@@ -34,7 +34,7 @@ Result<UniqueFd> open_image(const std::string& path, const char* what, const cha
   return UniqueFd(fd);
 }
 
-Error kexec_load_error(int code, const KexecImage& image) {
+Error kexec_load_error(int code) {
   switch (code) {
     case EPERM:
       return Error{code, "kexec_file_load refused: it needs CAP_SYS_BOOT in the initial user namespace, "
@@ -43,15 +43,13 @@ Error kexec_load_error(int code, const KexecImage& image) {
     case ENOSYS:
       return Error{code, "kexec_file_load is not available: the kernel was built without CONFIG_KEXEC_FILE"};
     case ENOEXEC:
-      return Error{code, fmt::format("'{}' is not a kernel image this kernel can kexec (a bzImage for "
-                                     "this architecture is needed)",
-                                     image.kernel_path)};
+      return Error{code, "not a kernel image this kernel can kexec (a bzImage for this architecture "
+                         "is needed)"};
     case EKEYREJECTED:
     case EBADMSG:
     case ENOKEY:
-      return Error{code, fmt::format("the signature of '{}' was rejected (KEXEC_SIG / lockdown): sign "
-                                     "the kernel with a trusted key",
-                                     image.kernel_path)};
+      return Error{code, "the kernel image's signature was rejected (KEXEC_SIG / lockdown): sign it "
+                         "with a trusted key"};
     case EBUSY:
       return Error{code, "another kexec image is being loaded: retry once it is done"};
     case EINVAL:
@@ -79,6 +77,35 @@ Result<std::string> Kexec::current_cmdline(const std::string& path) {
 
 Result<void> Kexec::load(const KexecImage& image) {
   loaded_ = false;
+  VMM_TRY(check_prerequisites(image.cmdline));
+  VMM_TRY_ASSIGN(kernel, open_image(image.kernel_path, "kernel image",
+                                    "give the path of the new kernel's bzImage"));
+  UniqueFd initrd;
+  if (image.initrd_path) {
+    VMM_TRY_ASSIGN(opened, open_image(*image.initrd_path, "initrd", "give an existing initrd or none"));
+    initrd = std::move(opened);
+  }
+  auto loaded = load(kernel.ref(), initrd.ref(), image.cmdline);
+  if (!loaded) return std::unexpected(loaded.error().with_context(image.kernel_path));
+  spdlog::info("luo: loaded kexec image {} (initrd {}, cmdline '{}')", image.kernel_path,
+               image.initrd_path.value_or("none"), image.cmdline);
+  return {};
+}
+
+Result<void> Kexec::load(FdRef kernel, FdRef initrd, const std::string& cmdline) {
+  loaded_ = false;
+  VMM_TRY(check_prerequisites(cmdline));
+  const unsigned long flags = initrd.valid() ? 0 : KEXEC_FILE_NO_INITRAMFS;
+  // The length counts the terminating NUL; the kernel checks it is there.
+  if (syscalls_.kexec_file_load(kernel.get(), initrd.valid() ? initrd.get() : -1, cmdline.size() + 1,
+                                cmdline.c_str(), flags) != 0) {
+    return std::unexpected(kexec_load_error(errno));
+  }
+  loaded_ = true;
+  return {};
+}
+
+Result<void> Kexec::check_prerequisites(const std::string& cmdline) const {
   struct stat st {};
   if (::stat(liveupdate_device_.c_str(), &st) != 0) {
     return fail(fmt::format("{} not found: this kernel lacks CONFIG_LIVEUPDATE or was booted without "
@@ -86,32 +113,12 @@ Result<void> Kexec::load(const KexecImage& image) {
                             liveupdate_device_),
                 ENOENT);
   }
-  if (image.cmdline.find("liveupdate=on") == std::string::npos ||
-      image.cmdline.find("kho=on") == std::string::npos) {
+  if (cmdline.find("liveupdate=on") == std::string::npos || cmdline.find("kho=on") == std::string::npos) {
     return fail(fmt::format("the new kernel's command line '{}' lacks 'kho=on liveupdate=on': the new "
                             "kernel could not receive the preserved sessions",
-                            image.cmdline),
+                            cmdline),
                 EINVAL);
   }
-  VMM_TRY_ASSIGN(kernel, open_image(image.kernel_path, "kernel image",
-                                    "give the path of the new kernel's bzImage"));
-  UniqueFd initrd;
-  unsigned long flags = 0;
-  if (image.initrd_path) {
-    VMM_TRY_ASSIGN(opened, open_image(*image.initrd_path, "initrd", "give an existing initrd or none"));
-    initrd = std::move(opened);
-  } else {
-    flags |= KEXEC_FILE_NO_INITRAMFS;
-  }
-  // The length counts the terminating NUL; the kernel checks it is there.
-  const unsigned long cmdline_len = image.cmdline.size() + 1;
-  if (syscalls_.kexec_file_load(kernel.get(), initrd.valid() ? initrd.get() : -1, cmdline_len,
-                                image.cmdline.c_str(), flags) != 0) {
-    return std::unexpected(kexec_load_error(errno, image));
-  }
-  spdlog::info("luo: loaded kexec image {} (initrd {}, cmdline '{}')", image.kernel_path,
-               image.initrd_path.value_or("none"), image.cmdline);
-  loaded_ = true;
   return {};
 }
 

@@ -48,6 +48,8 @@ class Kexec {
   // "liveupdate=on", EPERM (CAP_SYS_BOOT, kexec_load_disabled, lockdown),
   // ENOEXEC (not a kernel for this machine), signature rejection.
   [[nodiscard]] Result<void> load(const KexecImage& image);
+  // The same from open files; an invalid `initrd` means none.
+  [[nodiscard]] Result<void> load(FdRef kernel, FdRef initrd, const std::string& cmdline);
 
   // reboot(LINUX_REBOOT_CMD_KEXEC). Refuses unless load() succeeded. Returns
   // only on failure, e.g. when a LUO file's freeze failed: the kernel has then
@@ -57,6 +59,7 @@ class Kexec {
   [[nodiscard]] bool loaded() const { return loaded_; }
 
  private:
+  [[nodiscard]] Result<void> check_prerequisites(const std::string& cmdline) const;
   KexecSyscalls syscalls_;
   std::string liveupdate_device_;
   bool loaded_ = false;

@@ -101,6 +101,61 @@ TEST(LuoExecBackend, PreparedBackendIsFrozenUntilCancelled) {
   EXPECT_TRUE(backend->prepare_exec());
 }
 
+TEST(LuoExecBackend, DestroyingASessionWhilePreparedCancelsTheExec) {
+  auto backend = ExecBackend::create();
+  auto session = backend->create_session("dropped-while-prepared");
+  auto memfd = make_memfd("m", "x");
+  ASSERT_TRUE((*session)->preserve(memfd.ref(), 1));
+  ASSERT_TRUE(backend->prepare_exec());
+  session->reset();
+  EXPECT_FALSE(backend->prepared()) << "the manifest would name fds that are gone";
+}
+
+// In-process handover, as the conformance suite does it.
+std::unique_ptr<ExecBackend> hand_over(ExecBackend& backend) {
+  auto handover = backend.prepare_exec();
+  EXPECT_TRUE(handover) << handover.error().describe();
+  if (!handover) return nullptr;
+  backend.release_after_handover();
+  auto next = ExecBackend::from_manifest(handover->manifest_fd);
+  EXPECT_TRUE(next) << next.error().describe();
+  return next ? std::move(*next) : nullptr;
+}
+
+TEST(LuoExecBackend, EveryGenerationCanUpgradeAgainUnderTheSameName) {
+  auto first = ExecBackend::create();
+  auto memfd = make_memfd("ram", "generation-0");
+  const ino_t inode = inode_of(memfd.get());
+  {
+    auto session = first->create_session("vmm");
+    ASSERT_TRUE((*session)->preserve(memfd.ref(), 1));
+  }
+  // Destroyed before the handover: cancelled, nothing crosses.
+  auto empty = hand_over(*first);
+  ASSERT_TRUE(empty);
+  EXPECT_FALSE(empty->retrieve_session("vmm"));
+
+  auto session = first->create_session("vmm");
+  ASSERT_TRUE(session) << "the cancelled name is free again";
+  ASSERT_TRUE((*session)->preserve(memfd.ref(), 1));
+  std::unique_ptr<ExecBackend> current = hand_over(*first);
+  ASSERT_TRUE(current);
+  for (int generation = 1; generation <= 3; ++generation) {
+    auto incoming = current->retrieve_session("vmm");
+    ASSERT_TRUE(incoming) << "generation " << generation;
+    auto ram = (*incoming)->retrieve(1);
+    ASSERT_TRUE(ram);
+    EXPECT_EQ(inode_of(ram->get()), inode);
+    // The new vmm preserves again, under the same name, before finishing.
+    auto outgoing = current->create_session("vmm");
+    ASSERT_TRUE(outgoing) << "incoming and outgoing names don't collide: " << outgoing.error().describe();
+    ASSERT_TRUE((*outgoing)->preserve(ram->ref(), 1)) << "already sealed is fine";
+    ASSERT_TRUE((*incoming)->finish());
+    current = hand_over(*current);
+    ASSERT_TRUE(current);
+  }
+}
+
 TEST(LuoExecBackend, ExecWithoutPrepareIsRefused) {
   auto backend = ExecBackend::create();
   auto result = backend->exec({"/bin/true", {"true"}, std::nullopt, {}});

@@ -99,6 +99,18 @@ TEST_F(KexecSeam, LoadWithInitrd) {
   EXPECT_EQ(recorder_.loads[0].flags, 0u);
 }
 
+TEST_F(KexecSeam, LoadFromOpenFiles) {
+  auto kexec = make();
+  UniqueFd kernel(::open(kernel_.c_str(), O_RDONLY | O_CLOEXEC));
+  UniqueFd initrd(::open(initrd_.c_str(), O_RDONLY | O_CLOEXEC));
+  ASSERT_TRUE(kexec.load(kernel.ref(), initrd.ref(), "kho=on liveupdate=on"));
+  ASSERT_EQ(recorder_.loads.size(), 1u);
+  EXPECT_EQ(recorder_.loads[0].kernel_link, kernel_.string());
+  EXPECT_EQ(recorder_.loads[0].initrd_fd, initrd.get());
+  EXPECT_EQ(recorder_.loads[0].flags, 0u);
+  EXPECT_TRUE(kexec.loaded());
+}
+
 TEST_F(KexecSeam, MissingKernelImageIsENOENTWithoutSyscall) {
   auto kexec = make();
   auto img = image();
