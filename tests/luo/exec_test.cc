@@ -156,6 +156,28 @@ TEST(LuoExecBackend, EveryGenerationCanUpgradeAgainUnderTheSameName) {
   }
 }
 
+TEST(LuoExecBackend, RetrieveAndFinishBelongToTheIncomingSide) {
+  auto backend = ExecBackend::create();
+  auto session = backend->create_session("outgoing");
+  auto memfd = make_memfd("m", "x");
+  ASSERT_TRUE((*session)->preserve(memfd.ref(), 1));
+  auto retrieved = (*session)->retrieve(1);
+  ASSERT_FALSE(retrieved);
+  EXPECT_EQ(retrieved.error().code, EINVAL);
+  auto finished = (*session)->finish();
+  ASSERT_FALSE(finished);
+  EXPECT_EQ(finished.error().code, EINVAL);
+
+  auto next = hand_over(*backend);
+  ASSERT_TRUE(next);
+  auto incoming = next->retrieve_session("outgoing");
+  ASSERT_TRUE(incoming);
+  auto other = make_memfd("o", "y");
+  auto preserved = (*incoming)->preserve(other.ref(), 2);
+  ASSERT_FALSE(preserved);
+  EXPECT_EQ(preserved.error().code, EINVAL);
+}
+
 TEST(LuoExecBackend, ExecWithoutPrepareIsRefused) {
   auto backend = ExecBackend::create();
   auto result = backend->exec({"/bin/true", {"true"}, std::nullopt, {}});
