@@ -39,6 +39,14 @@ using Result = std::expected<T, Error>;
   return std::unexpected(Error{errno, std::move(message)});
 }
 
+// Prefixes the error of `result` (if any) with `context`. (GCC 12's
+// std::expected has no transform_error yet.)
+template <class T>
+[[nodiscard]] Result<T> with_context(Result<T> result, const std::string& context) {
+  if (!result) return std::unexpected(result.error().with_context(context));
+  return result;
+}
+
 }  // namespace vmm
 
 // Propagates an error from a Result-returning expression, like Rust's `?`.

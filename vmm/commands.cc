@@ -43,24 +43,31 @@ const char* vcpu_state_name(VcpuThread::State state) {
 
 }  // namespace
 
-MachineCommands::MachineCommands(Machine& machine) : machine_(machine) {
-  add("query-status", {}, [this](const json&) { return query_status(); });
-  add("stop", {}, [this](const json&) -> control::CommandResult {
+MachineCommands::MachineCommands(Machine& machine, LiveUpdate& update) : machine_(machine), update_(update) {
+  add("query-status", {}, [this](const json&, const auto&) { return query_status(); });
+  add("stop", {}, [this](const json&, const auto&) -> control::CommandResult {
     if (auto paused = machine_.pause(); !paused) return generic_error(paused.error().describe());
     return json::object();
   });
-  add("cont", {}, [this](const json&) -> control::CommandResult {
+  add("cont", {}, [this](const json&, const auto&) -> control::CommandResult {
     if (auto resumed = machine_.resume(); !resumed) return generic_error(resumed.error().describe());
     return json::object();
   });
-  add("quit", {}, [this](const json&) -> control::CommandResult {
+  add("quit", {}, [this](const json&, const auto&) -> control::CommandResult {
     machine_.request_shutdown("quit requested on the control socket", false);
     return json::object();
   });
-  add("query-memory", {}, [this](const json&) { return query_memory(); });
-  add("query-vcpus", {}, [this](const json&) { return query_vcpus(); });
-  add("query-guest", {}, [this](const json&) { return query_guest(); });
-  add("guest-verify", {"timeout"}, [this](const json& args) { return guest_verify(args); });
+  add("query-memory", {}, [this](const json&, const auto&) { return query_memory(); });
+  add("query-vcpus", {}, [this](const json&, const auto&) { return query_vcpus(); });
+  add("query-guest", {}, [this](const json&, const auto&) { return query_guest(); });
+  add("guest-verify", {"timeout"}, [this](const json& args, const auto&) { return guest_verify(args); });
+  add("query-live-update", {}, [this](const json&, const auto&) -> control::CommandResult { return update_.query(); });
+  add("live-update", {}, [this](const json& args, const control::CommandContext& context) {
+    return update_.run(args, context);
+  });
+  commands_["live-update"].checks_arguments = true;
+  // While an update holds the vCPUs frozen, nothing may run or stop them.
+  for (const char* name : {"stop", "cont", "quit", "guest-verify"}) commands_[name].blocked_during_update = true;
 }
 
 void MachineCommands::add(std::string name, std::vector<std::string> allowed_arguments, Command command) {
@@ -74,15 +81,24 @@ std::vector<std::string> MachineCommands::names() const {
 }
 
 control::CommandResult MachineCommands::execute(const std::string& command, const json& arguments) {
+  return execute(command, arguments, control::CommandContext{});
+}
+
+control::CommandResult MachineCommands::execute(const std::string& command, const json& arguments,
+                                                const control::CommandContext& context) {
   auto it = commands_.find(command);
   if (it == commands_.end())
     return std::unexpected(CommandError{control::kCommandNotFound,
                                         fmt::format("The command {} has not been found", command)});
+  const Entry& entry = it->second;
   for (const auto& [key, value] : arguments.items()) {
-    if (std::ranges::find(it->second.allowed_arguments, key) == it->second.allowed_arguments.end())
+    if (!entry.checks_arguments &&
+        std::ranges::find(entry.allowed_arguments, key) == entry.allowed_arguments.end())
       return generic_error(fmt::format("Parameter '{}' is unexpected for command {}", key, command));
   }
-  return it->second.run(arguments);
+  if (entry.blocked_during_update && update_.in_progress())
+    return generic_error(fmt::format("{} is not possible while a live update is in progress", command));
+  return entry.run(arguments, context);
 }
 
 control::CommandResult MachineCommands::query_status() {

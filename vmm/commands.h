@@ -7,20 +7,23 @@
 #include <string>
 
 #include "vmm/control/handler.h"
+#include "vmm/live_update.h"
 #include "vmm/machine.h"
 
 namespace vmm {
 
 class MachineCommands final : public control::CommandHandler {
  public:
-  explicit MachineCommands(Machine& machine);
+  MachineCommands(Machine& machine, LiveUpdate& update);
   control::CommandResult execute(const std::string& command, const nlohmann::json& arguments) override;
+  control::CommandResult execute(const std::string& command, const nlohmann::json& arguments,
+                                 const control::CommandContext& context) override;
 
   // Names of every command, for error messages and docs.
   [[nodiscard]] std::vector<std::string> names() const;
 
  private:
-  using Command = std::function<control::CommandResult(const nlohmann::json&)>;
+  using Command = std::function<control::CommandResult(const nlohmann::json&, const control::CommandContext&)>;
   void add(std::string name, std::vector<std::string> allowed_arguments, Command command);
 
   control::CommandResult query_status();
@@ -30,10 +33,13 @@ class MachineCommands final : public control::CommandHandler {
   control::CommandResult guest_verify(const nlohmann::json& arguments);
 
   struct Entry {
-    std::vector<std::string> allowed_arguments;
+    std::vector<std::string> allowed_arguments;  // empty with checks_arguments: the command checks
     Command run;
+    bool checks_arguments = false;
+    bool blocked_during_update = false;
   };
   Machine& machine_;
+  LiveUpdate& update_;
   std::map<std::string, Entry> commands_;
 };
 

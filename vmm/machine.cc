@@ -115,34 +115,18 @@ Result<std::unique_ptr<Machine>> Machine::create(const MachineConfig& config) {
   }
   VMM_TRY_ASSIGN(image, pvh::parse(kernel, origin));
 
-  devices::ConsoleSink console = devices::ConsoleSink::none();
-  if (config.console == ConsoleKind::stdout_console) console = devices::ConsoleSink::stdout_sink();
-  if (config.console == ConsoleKind::file) {
-    VMM_TRY_ASSIGN(sink, devices::ConsoleSink::file(config.console_path));
-    console = std::move(sink);
-  }
-
+  VMM_TRY_ASSIGN(console, open_console(config));
   const auto started = steady_clock::now();
-  VMM_TRY_ASSIGN(system, kvm::System::open(config.kvm_path));
-  VMM_TRY_ASSIGN(caps, system.probe());
-  if (config.vcpus > static_cast<uint32_t>(caps.max_vcpus))
-    return fail(fmt::format("--vcpus {} is more than this host's KVM allows ({})", config.vcpus, caps.max_vcpus));
-  if (config.ram_backing == memory::Backing::guest_memfd && !caps.guest_memfd_mmap())
-    return fail("this host's KVM lacks guest_memfd mmap support (KVM_CAP_GUEST_MEMFD_FLAGS lacks "
-                "MMAP|INIT_SHARED); use --memory-backing memfd");
-
-  VMM_TRY_ASSIGN(vm, system.create_vm());
-  VMM_TRY(vm.set_tss_addr(kKvmTssGpa));
-  VMM_TRY(vm.set_identity_map_addr(kKvmIdentityMapGpa));
-  VMM_TRY(vm.create_irqchip());
-  VMM_TRY(vm.create_pit2());
+  VMM_TRY_ASSIGN(host, open_host(config));
+  VMM_TRY_ASSIGN(vm, host.system.create_vm());
+  VMM_TRY(prepare_vm(vm));
   VMM_TRY_ASSIGN(memory, memory::GuestMemory::create(vm, layout));
   VMM_TRY_ASSIGN(entry, pvh::load(memory, kernel, image, config.cmdline));
 
   UniqueFd shutdown_event(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
   if (!shutdown_event) return fail_errno("cannot create the shutdown eventfd");
 
-  std::unique_ptr<Machine> machine(new Machine(config, std::move(system), caps, std::move(vm),
+  std::unique_ptr<Machine> machine(new Machine(config, std::move(host.system), host.caps, std::move(vm),
                                                std::move(memory), std::move(shutdown_event)));
   VMM_TRY(machine->build_devices(std::move(console)));
   VMM_TRY(machine->create_vcpus(entry));
@@ -151,6 +135,132 @@ Result<std::unique_ptr<Machine>> Machine::create(const MachineConfig& config) {
                format_size(config.ram_size), memory::to_string(config.ram_backing),
                format_size(config.shared_size), config.vcpus, origin);
   return machine;
+}
+
+Result<Machine::Host> Machine::open_host(const MachineConfig& config) {
+  VMM_TRY_ASSIGN(system, kvm::System::open(config.kvm_path));
+  VMM_TRY_ASSIGN(caps, system.probe());
+  if (config.vcpus > static_cast<uint32_t>(caps.max_vcpus))
+    return fail(fmt::format("--vcpus {} is more than this host's KVM allows ({})", config.vcpus, caps.max_vcpus));
+  if (config.ram_backing == memory::Backing::guest_memfd && !caps.guest_memfd_mmap())
+    return fail("this host's KVM lacks guest_memfd mmap support (KVM_CAP_GUEST_MEMFD_FLAGS lacks "
+                "MMAP|INIT_SHARED); use --memory-backing memfd");
+  return Host{std::move(system), caps};
+}
+
+Result<devices::ConsoleSink> Machine::open_console(const MachineConfig& config) {
+  switch (config.console) {
+    case ConsoleKind::stdout_console: return devices::ConsoleSink::stdout_sink();
+    case ConsoleKind::none: return devices::ConsoleSink::none();
+    case ConsoleKind::file: return devices::ConsoleSink::file(config.console_path);
+  }
+  return devices::ConsoleSink::none();
+}
+
+Result<void> Machine::prepare_vm(kvm::Vm& vm) {
+  VMM_TRY(vm.set_tss_addr(kKvmTssGpa));
+  VMM_TRY(vm.set_identity_map_addr(kKvmIdentityMapGpa));
+  VMM_TRY(vm.create_irqchip());
+  VMM_TRY(vm.create_pit2());
+  return {};
+}
+
+Result<std::unique_ptr<Machine>> Machine::restore(MachineConfig config, RestoreInputs inputs) {
+  const migration::SavedState& state = inputs.state;
+  memory::MemoryLayout layout;
+  for (const auto& ref : state.memory) layout.regions.push_back(ref.spec);
+  config.name = state.metadata.vm_name;
+  config.vcpus = static_cast<uint32_t>(state.vcpus.size());
+  config.ram_size = layout.ram_size();
+  config.shared_size = layout.shared() ? layout.shared()->size : 0;
+  config.ram_backing = layout.regions.empty() ? memory::Backing::memfd : layout.regions.front().backing;
+  if (config.ram_backing == memory::Backing::guest_memfd &&
+      inputs.guest_memfd_slot_kind == memory::SlotKind::userspace)
+    config.ram_backing = memory::Backing::memfd;  // only the capability check looks at this
+  if (inputs.region_files.size() != layout.regions.size())
+    return fail(fmt::format("restore got {} memory files for {} regions", inputs.region_files.size(),
+                            layout.regions.size()));
+
+  VMM_TRY_ASSIGN(console, open_console(config));
+  VMM_TRY_ASSIGN(host, open_host(config));
+  kvm::Vm vm(std::move(inputs.vm_fd), host.system.vcpu_mmap_size());
+  VMM_TRY(prepare_vm(vm));
+  VMM_TRY_ASSIGN(memory, memory::GuestMemory::attach(vm, layout, std::move(inputs.region_files),
+                                                     inputs.guest_memfd_slot_kind));
+  UniqueFd shutdown_event(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  if (!shutdown_event) return fail_errno("cannot create the shutdown eventfd");
+
+  std::unique_ptr<Machine> machine(new Machine(config, std::move(host.system), host.caps, std::move(vm),
+                                               std::move(memory), std::move(shutdown_event)));
+  VMM_TRY(machine->build_devices(std::move(console)));
+  VMM_TRY(machine->vm_.restore(state.vm));
+  VMM_TRY(machine->restore_vcpus(state.vcpus));
+
+  devices::SerialRegisters serial;
+  serial.ier = state.uart.ier;
+  serial.iir = state.uart.iir;
+  serial.lcr = state.uart.lcr;
+  serial.mcr = state.uart.mcr;
+  serial.lsr = state.uart.lsr;
+  serial.msr = state.uart.msr;
+  serial.scr = state.uart.scr;
+  serial.dll = state.uart.dll;
+  serial.dlm = state.uart.dlm;
+  serial.fcr = state.uart.fcr;
+  serial.rx.assign(state.uart.pending_input.begin(), state.uart.pending_input.end());
+  machine->serial_->set_registers(serial);
+  if (state.test_device.last_verify_request != 0) {
+    devices::VerifyResult last;
+    last.request = state.test_device.last_verify_request;
+    last.pages_checked = state.test_device.last_result.pages_checked;
+    last.mismatches = state.test_device.last_result.mismatches;
+    machine->guest_link_->set_last_verify(last);
+  }
+  return machine;
+}
+
+Result<void> Machine::restore_vcpus(const std::vector<kvm::VcpuState>& states) {
+  VMM_TRY_ASSIGN(msrs, system_.msrs_to_save());
+  msrs_to_save_ = std::move(msrs);
+  for (const auto& state : states) {
+    VMM_TRY_ASSIGN(vcpu, vm_.create_vcpu(state.id));
+    VMM_TRY(vcpu.restore(state));
+    vcpus_.push_back(std::make_unique<VcpuThread>(std::move(vcpu), *this));
+  }
+  return {};
+}
+
+Result<migration::SavedState> Machine::save_state() {
+  std::lock_guard lock(state_mutex_);
+  if (state_ != RunState::paused) return fail("the VM must be paused to save its state");
+  migration::SavedState state;
+  state.metadata.vm_name = config_.name;
+  VMM_TRY_ASSIGN(vm_state, vm_.save());
+  state.vm = vm_state;
+  state.vcpus.resize(vcpus_.size());
+  for (size_t i = 0; i < vcpus_.size(); ++i) {
+    VMM_TRY(vcpus_[i]->run_while_paused([&](kvm::Vcpu& vcpu) -> Result<void> {
+      VMM_TRY_ASSIGN(saved, vcpu.save(msrs_to_save_));
+      state.vcpus[i] = std::move(saved);
+      return {};
+    }));
+  }
+  for (const auto& region : memory_.regions()) {
+    migration::RegionRef ref;
+    ref.spec = region->spec();
+    ref.slot_kind = region->slot_kind() == memory::SlotKind::guest_memfd ? migration::SlotKind::guest_memfd
+                                                                          : migration::SlotKind::userspace;
+    state.memory.push_back(std::move(ref));
+  }
+  const devices::SerialRegisters serial = serial_->registers();
+  state.uart = {serial.ier, serial.iir, serial.lcr, serial.mcr, serial.lsr, serial.msr, serial.scr,
+                serial.dll, serial.dlm, serial.fcr, {serial.rx.begin(), serial.rx.end()}, false};
+  state.test_device.heartbeat_at_save = guest_link_->status().heartbeat;
+  if (auto last = guest_link_->last_verify()) {
+    state.test_device.last_verify_request = last->request;
+    state.test_device.last_result = {last->pages_checked, last->mismatches};
+  }
+  return state;
 }
 
 Result<void> Machine::build_devices(devices::ConsoleSink console) {
@@ -172,6 +282,8 @@ Result<void> Machine::build_devices(devices::ConsoleSink console) {
 
 Result<void> Machine::create_vcpus(uint32_t entry) {
   VMM_TRY_ASSIGN(cpuid, system_.supported_cpuid());
+  VMM_TRY_ASSIGN(msrs, system_.msrs_to_save());
+  msrs_to_save_ = std::move(msrs);
   uint64_t tsc_khz = 0;
   for (uint32_t id = 0; id < config_.vcpus; ++id) {
     VMM_TRY_ASSIGN(vcpu, vm_.create_vcpu(id));
@@ -193,12 +305,16 @@ Result<void> Machine::create_vcpus(uint32_t entry) {
   return {};
 }
 
-Result<void> Machine::start() {
+Result<void> Machine::start(bool running) {
   std::lock_guard lock(state_mutex_);
   if (state_ == RunState::shutdown) return fail("the VM has shut down");
-  for (auto& vcpu : vcpus_) VMM_TRY(vcpu->start(true));
-  state_ = RunState::running;
+  for (auto& vcpu : vcpus_) VMM_TRY(vcpu->start(running));
+  state_ = running ? RunState::running : RunState::paused;
   return {};
+}
+
+void Machine::flush_console() {
+  if (serial_) serial_->flush();
 }
 
 Result<microseconds> Machine::pause(milliseconds timeout) {

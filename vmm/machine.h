@@ -20,6 +20,7 @@
 #include "kvm/system.h"
 #include "kvm/vm.h"
 #include "memory/guest_memory.h"
+#include "migration/saved_state.h"
 #include "vmm/devices/bus.h"
 #include "vmm/devices/serial.h"
 #include "vmm/devices/test_guest.h"
@@ -40,6 +41,15 @@ struct MachineConfig {
   ConsoleKind console = ConsoleKind::stdout_console;
   std::string console_path;
   std::string kvm_path = "/dev/kvm";
+};
+
+// What a restore builds a VM from: a new, empty VM, the files of every memory
+// region (in the order of state.memory) and the saved state.
+struct RestoreInputs {
+  UniqueFd vm_fd;
+  std::vector<UniqueFd> region_files;
+  memory::SlotKind guest_memfd_slot_kind = memory::SlotKind::guest_memfd;
+  migration::SavedState state;
 };
 
 inline constexpr uint32_t kMaxVcpus = 32;  // the test guest protocol's limit
@@ -70,10 +80,20 @@ class Machine final : public VcpuExitHandler {
   // Validates the configuration and builds the whole VM, vCPUs parked. On
   // failure nothing is left behind.
   [[nodiscard]] static Result<std::unique_ptr<Machine>> create(const MachineConfig& config);
+  // Rebuilds a VM from saved state around the same memory files, vCPUs
+  // parked; never writes guest memory. `config` supplies what is not part of
+  // the state (console, KVM device); the rest comes from the state.
+  [[nodiscard]] static Result<std::unique_ptr<Machine>> restore(MachineConfig config, RestoreInputs inputs);
+
+  // The VM's whole state (VM, vCPUs, devices, memory layout); only while
+  // paused. Region tokens are left for the caller to fill in.
+  [[nodiscard]] Result<migration::SavedState> save_state();
+  [[nodiscard]] FdRef vm_fd() const { return vm_.fd(); }
   ~Machine() override;
 
-  // Starts the vCPU threads running the guest.
-  [[nodiscard]] Result<void> start();
+  // Starts the vCPU threads, running the guest or parked (a VM that was
+  // paused before a live update stays paused after it).
+  [[nodiscard]] Result<void> start(bool running = true);
   // Parks every vCPU; returns how long that took. Bounded by `timeout`.
   [[nodiscard]] Result<std::chrono::microseconds> pause(
       std::chrono::milliseconds timeout = std::chrono::milliseconds(2000));
@@ -88,6 +108,7 @@ class Machine final : public VcpuExitHandler {
   [[nodiscard]] bool shutdown_failed() const;
   // Stops every vCPU thread for good and flushes the console.
   void stop();
+  void flush_console();
 
   [[nodiscard]] std::vector<RegionInfo> memory_info() const;
   [[nodiscard]] std::vector<VcpuInfo> vcpu_info() const;
@@ -110,8 +131,17 @@ class Machine final : public VcpuExitHandler {
  private:
   Machine(MachineConfig config, kvm::System system, kvm::Capabilities caps, kvm::Vm vm,
           memory::GuestMemory memory, UniqueFd shutdown_event);
+  // The steps shared by create() and restore().
+  struct Host {
+    kvm::System system;
+    kvm::Capabilities caps;
+  };
+  [[nodiscard]] static Result<Host> open_host(const MachineConfig& config);
+  [[nodiscard]] static Result<devices::ConsoleSink> open_console(const MachineConfig& config);
+  [[nodiscard]] static Result<void> prepare_vm(kvm::Vm& vm);
   [[nodiscard]] Result<void> build_devices(devices::ConsoleSink console);
   [[nodiscard]] Result<void> create_vcpus(uint32_t entry);
+  [[nodiscard]] Result<void> restore_vcpus(const std::vector<kvm::VcpuState>& states);
 
   MachineConfig config_;
   kvm::System system_;
@@ -136,6 +166,7 @@ class Machine final : public VcpuExitHandler {
   std::mutex event_mutex_;
   EventSink event_sink_;
   std::atomic<uint64_t> unclaimed_accesses_{0};
+  std::vector<uint32_t> msrs_to_save_;
 };
 
 }  // namespace vmm

@@ -1,7 +1,14 @@
 // vmm: a minimal VMM on KVM whose guest memory never moves during live updates.
+//
+//   vmm run ...       launch a VM
+//   vmm restore ...   rebuild a VM from a LUO session: after a kexec (by hand
+//                     or from a systemd unit), or started by `live-update`
+//                     in exec mode (which passes the hidden handover options)
+#include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/signalfd.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <cstdio>
@@ -11,13 +18,28 @@
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
+#include "luo/exec_backend.h"
+#include "luo/kernel_backend.h"
 #include "vmm/commands.h"
 #include "vmm/control/server.h"
+#include "vmm/live_update.h"
 #include "vmm/machine.h"
+#include "vmm/restore.h"
 #include "vmm/size.h"
 
 namespace vmm {
 namespace {
+
+using namespace std::chrono;
+using nlohmann::json;
+
+// Options both subcommands take.
+struct CommonOptions {
+  std::string console = "stdout";
+  std::string control_socket;
+  std::string kvm_device = "/dev/kvm";
+  std::string log_level = "info";
+};
 
 struct RunOptions {
   std::string memory = "256M";
@@ -26,13 +48,33 @@ struct RunOptions {
   std::string backing = "guest_memfd";
   std::string kernel;
   std::string cmdline;
-  std::string console = "stdout";
-  std::string control_socket;
   std::string name;
-  std::string kvm_device = "/dev/kvm";
 };
 
-Result<MachineConfig> machine_config(const RunOptions& options) {
+struct RestoreOptions {
+  std::string session;
+  int manifest_fd = -1;          // exec handover; absent: the kernel's /dev/liveupdate
+  int control_socket_fd = -1;    // the listening socket, handed over
+  int reply_fd = -1;             // the connection that asked for the update
+  std::string reply_id;          // its request id, as JSON
+  std::string update_record;     // the update so far, as JSON
+  std::string rollback_binary;   // the vmm that started the update
+  std::string inject;
+};
+
+void apply_console(const CommonOptions& common, MachineConfig& config) {
+  if (common.console == "stdout") {
+    config.console = ConsoleKind::stdout_console;
+  } else if (common.console == "none") {
+    config.console = ConsoleKind::none;
+  } else {
+    config.console = ConsoleKind::file;
+    config.console_path = common.console;
+  }
+  config.kvm_path = common.kvm_device;
+}
+
+Result<MachineConfig> machine_config(const CommonOptions& common, const RunOptions& options) {
   MachineConfig config;
   config.name = options.name.empty() ? "vm-" + std::to_string(::getpid()) : options.name;
   VMM_TRY_ASSIGN(ram, parse_size(options.memory, "--memory"));
@@ -46,16 +88,12 @@ Result<MachineConfig> machine_config(const RunOptions& options) {
   config.ram_backing = *backing;
   if (!options.kernel.empty()) config.kernel_path = options.kernel;
   config.cmdline = options.cmdline;
-  config.kvm_path = options.kvm_device;
-  if (options.console == "stdout") {
-    config.console = ConsoleKind::stdout_console;
-  } else if (options.console == "none") {
-    config.console = ConsoleKind::none;
-  } else {
-    config.console = ConsoleKind::file;
-    config.console_path = options.console;
-  }
+  apply_console(common, config);
   return config;
+}
+
+RelaunchOptions relaunch_options(const CommonOptions& common) {
+  return RelaunchOptions{common.control_socket, common.console, common.log_level, common.kvm_device};
 }
 
 // Blocks SIGINT/SIGTERM in every thread (threads inherit the mask) and
@@ -92,13 +130,56 @@ void wait_for_shutdown(Machine& machine, FdRef signals) {
   }
 }
 
-int run_vm(const RunOptions& options) {
+// The VM's life after it is built: control socket, run, wait, shut down.
+struct Runtime {
+  std::unique_ptr<Machine> machine;
+  std::unique_ptr<LiveUpdate> update;
+  std::unique_ptr<MachineCommands> commands;
+  std::unique_ptr<control::Server> server;
+
+  Runtime(std::unique_ptr<Machine> built, const CommonOptions& common, UpdateRecord record)
+      : machine(std::move(built)),
+        update(std::make_unique<LiveUpdate>(*machine, relaunch_options(common), std::move(record))),
+        commands(std::make_unique<MachineCommands>(*machine, *update)) {}
+
+  ~Runtime() {
+    if (server) server->stop();
+    if (machine) {
+      machine->stop();
+      machine->set_event_sink({});
+    }
+  }
+
+  Result<void> serve_socket(const std::string& path, int inherited_fd) {
+    if (path.empty()) return {};
+    if (inherited_fd >= 0) {
+      VMM_TRY_ASSIGN(adopted, control::Server::adopt(UniqueFd(inherited_fd), path, *commands));
+      server = std::move(adopted);
+    } else {
+      VMM_TRY_ASSIGN(listening, control::Server::listen(path, *commands));
+      server = std::move(listening);
+    }
+    update->set_control_server(server.get());
+    machine->set_event_sink([this](const std::string& name, const json& data) { server->emit_event(name, data); });
+    return {};
+  }
+
+  int wait(FdRef signals) {
+    wait_for_shutdown(*machine, signals);
+    machine->stop();
+    if (server) server->stop();
+    machine->set_event_sink({});
+    return machine->shutdown_failed() ? 1 : 0;
+  }
+};
+
+int run_vm(const CommonOptions& common, const RunOptions& options) {
   auto signals = shutdown_signals();
   if (!signals) {
     spdlog::error("{}", signals.error().describe());
     return 1;
   }
-  auto config = machine_config(options);
+  auto config = machine_config(common, options);
   if (!config) {
     spdlog::error("{}", config.error().describe());
     return 2;
@@ -108,49 +189,148 @@ int run_vm(const RunOptions& options) {
     spdlog::error("{}", machine.error().describe());
     return 1;
   }
-  MachineCommands commands(**machine);
-  std::unique_ptr<control::Server> server;
-  if (!options.control_socket.empty()) {
-    auto listening = control::Server::listen(options.control_socket, commands);
-    if (!listening) {
-      spdlog::error("{}", listening.error().describe());
-      return 1;
-    }
-    server = std::move(*listening);
-    (*machine)->set_event_sink([&server](const std::string& name, const nlohmann::json& data) {
-      server->emit_event(name, data);
-    });
+  Runtime runtime(std::move(*machine), common, UpdateRecord{});
+  if (auto served = runtime.serve_socket(common.control_socket, -1); !served) {
+    spdlog::error("{}", served.error().describe());
+    return 1;
   }
-  if (auto started = (*machine)->start(); !started) {
+  if (auto started = runtime.machine->start(); !started) {
     spdlog::error("{}", started.error().describe());
     return 1;
   }
-  const MachineConfig& running = (*machine)->config();
+  const MachineConfig& running = runtime.machine->config();
   spdlog::info("VM '{}' running: {} RAM in {}, {} shared, {} vCPU(s){}", running.name,
                format_size(running.ram_size), memory::to_string(running.ram_backing),
                format_size(running.shared_size), running.vcpus,
-               options.control_socket.empty() ? "" : ", control socket " + options.control_socket);
-  wait_for_shutdown(**machine, signals->ref());
-  (*machine)->stop();
-  if (server) server->stop();
-  (*machine)->set_event_sink({});
-  return (*machine)->shutdown_failed() ? 1 : 0;
+               common.control_socket.empty() ? "" : ", control socket " + common.control_socket);
+  return runtime.wait(signals->ref());
+}
+
+// Sends the client that asked for the update the reply it is owed, when the
+// update cannot complete (the new process is about to give up).
+void reply_failure(int reply_fd, const std::string& reply_id, const std::string& desc) {
+  if (reply_fd < 0) return;
+  json reply = {{"error", {{"class", control::kGenericError}, {"desc", desc}}}};
+  if (!reply_id.empty()) reply["id"] = json::parse(reply_id, nullptr, false);
+  const std::string line = reply.dump() + "\n";
+  [[maybe_unused]] ssize_t n = ::send(reply_fd, line.data(), line.size(), MSG_NOSIGNAL);
+}
+
+int restore_vm(const CommonOptions& common, const RestoreOptions& options) {
+  const int64_t process_started_ns = monotonic_ns();
+  const auto restore_started = steady_clock::now();
+  auto signals = shutdown_signals();
+  if (!signals) {
+    spdlog::error("{}", signals.error().describe());
+    return 1;
+  }
+  // The inherited descriptors must not leak into anything we start later.
+  for (int fd : {options.control_socket_fd, options.reply_fd})
+    if (fd >= 0) ::fcntl(fd, F_SETFD, FD_CLOEXEC);
+
+  UpdateRecord record;
+  record.mode = options.manifest_fd >= 0 ? "exec" : "kexec";
+  if (!options.update_record.empty()) {
+    auto parsed = json::parse(options.update_record, nullptr, false);
+    auto carried = UpdateRecord::from_json(parsed);
+    if (!carried) {
+      spdlog::error("{}", carried.error().describe());
+      return 2;
+    }
+    record = std::move(*carried);
+    if (record.handover_started_ns > 0)
+      record.add_phase("handover", nanoseconds(process_started_ns - record.handover_started_ns));
+  }
+  Fault fault = Fault::none;
+  if (!options.inject.empty()) {
+    auto parsed = fault_from_string(options.inject);
+    if (!parsed) {
+      spdlog::error("{}", parsed.error().describe());
+      return 2;
+    }
+    fault = *parsed;
+  }
+
+  auto give_up = [&](const Error& error) {
+    const std::string desc = "live update failed during restore: " + error.describe();
+    spdlog::error("{}; the LUO session '{}' is left unfinished so a retry can restore it", desc, options.session);
+    reply_failure(options.reply_fd, options.reply_id, desc);
+    return 1;
+  };
+
+  std::unique_ptr<luo::Backend> backend;
+  const bool exec_mode = options.manifest_fd >= 0;
+  if (exec_mode) {
+    auto opened = luo::ExecBackend::from_manifest(options.manifest_fd);
+    if (!opened) return give_up(opened.error());
+    backend = std::move(*opened);
+  } else {
+    auto opened = luo::KernelBackend::open();
+    if (!opened) return give_up(opened.error());
+    backend = std::move(*opened);
+  }
+  auto session = backend->retrieve_session(options.session);
+  if (!session) return give_up(session.error());
+  auto retrieved = retrieve_vm(**session, fault);
+  if (!retrieved) return give_up(retrieved.error());
+
+  // The guest's clocks move on by the time it spent frozen. CLOCK_MONOTONIC
+  // survives an exec but not a kexec, where the wall clock has to do.
+  auto& metadata = retrieved->state.metadata;
+  const int64_t frozen_ns = exec_mode ? monotonic_ns() - static_cast<int64_t>(metadata.host_monotonic_ns_at_save)
+                                      : realtime_ns() - static_cast<int64_t>(metadata.saved_at_realtime_ns);
+  advance_clocks(retrieved->state, frozen_ns);
+  const bool was_running = metadata.was_running;
+  const uint64_t heartbeat_at_save = retrieved->state.test_device.heartbeat_at_save;
+  record.generation = metadata.generation;
+
+  MachineConfig config;
+  apply_console(common, config);
+  RestoreInputs inputs{std::move(retrieved->vm_fd), std::move(retrieved->region_files),
+                       exec_mode ? memory::SlotKind::userspace : memory::SlotKind::guest_memfd,
+                       std::move(retrieved->state)};
+  auto machine = Machine::restore(config, std::move(inputs));
+  if (!machine) return give_up(machine.error());
+
+  Runtime runtime(std::move(*machine), common, record);
+  if (auto served = runtime.serve_socket(common.control_socket, options.control_socket_fd); !served)
+    return give_up(served.error());
+  if (auto started = runtime.machine->start(was_running); !started) return give_up(started.error());
+  // The blackout ends here: the vCPUs run again (or, paused before, are ready to).
+  const int64_t resumed_ns = monotonic_ns();
+  if (record.blackout_started_ns > 0) record.blackout_us = (resumed_ns - record.blackout_started_ns) / 1000;
+  record.add_phase("restore", steady_clock::now() - restore_started);
+
+  const auto finish_started = steady_clock::now();
+  if (auto finished = (*session)->finish(); !finished)
+    spdlog::warn("live update: FINISH failed: {}", finished.error().describe());
+  record.add_phase("finish", steady_clock::now() - finish_started);
+  record.status = "completed";
+  record.error.reset();
+  record.generation += 1;
+  spdlog::info("live update ({}) completed: generation {}, blackout {} us", record.mode, record.generation,
+               record.blackout_us.value_or(-1));
+  runtime.update->record_completed(record, heartbeat_at_save);
+  if (options.reply_fd >= 0 && runtime.server) {
+    json reply = {{"return", record.to_json()}};
+    if (!options.reply_id.empty()) reply["id"] = json::parse(options.reply_id, nullptr, false);
+    runtime.server->adopt_client(UniqueFd(options.reply_fd), reply);
+  }
+  return runtime.wait(signals->ref());
 }
 
 }  // namespace
 }  // namespace vmm
 
 int main(int argc, char** argv) {
-  using vmm::RunOptions;
   CLI::App app{"vmm: a minimal virtual machine monitor on KVM whose guest memory stays in place\n"
                "across host-kernel live updates and VMM upgrades."};
   app.require_subcommand(1);
-  std::string log_level = "info";
+  vmm::CommonOptions common;
 
-  RunOptions run;
+  vmm::RunOptions run;
   auto* run_command = app.add_subcommand("run", "Launch a VM (by default: the embedded test guest)");
-  run_command->add_option("--kernel", run.kernel,
-                          "PVH ELF kernel to boot (default: the embedded test guest)");
+  run_command->add_option("--kernel", run.kernel, "PVH ELF kernel to boot (default: the embedded test guest)");
   run_command->add_option("--cmdline", run.cmdline, "Kernel command line");
   run_command->add_option("--memory", run.memory, "Guest RAM size, e.g. 256M or 2G")->capture_default_str();
   run_command->add_option("--vcpus", run.vcpus, "Number of vCPUs")->capture_default_str();
@@ -159,29 +339,44 @@ int main(int argc, char** argv) {
   run_command->add_option("--memory-backing", run.backing,
                           "Where guest RAM lives: guest_memfd or memfd (for hosts without "
                           "guest_memfd mmap support)")->capture_default_str();
-  run_command->add_option("--console", run.console,
-                          "Serial console output: stdout, none, or a file PATH")->capture_default_str();
-  run_command->add_option("--control-socket", run.control_socket,
-                          "Path of the QMP-style control socket (created with mode 0600)");
-  run_command->add_option("--name", run.name, "Name of the VM (default: vm-PID)");
-  run_command->add_option("--kvm-device", run.kvm_device, "The KVM device to use")->capture_default_str();
-  for (auto* command : {run_command})
-    command->add_option("--log-level", log_level,
-                        "Log level: trace, debug, info, warn, error, critical, off")
+  run_command->add_option("--name", run.name, "Name of the VM and of its live-update session (default: vm-PID)");
+
+  vmm::RestoreOptions restore;
+  auto* restore_command = app.add_subcommand(
+      "restore", "Rebuild a VM from a Live Update Orchestrator session after a kexec");
+  restore_command->add_option("--session", restore.session, "Name of the LUO session (the VM's name)")->required();
+  // The exec handover's own options: passed by `live-update`, not by people.
+  restore_command->add_option("--luo-manifest-fd", restore.manifest_fd)->group("");
+  restore_command->add_option("--control-socket-fd", restore.control_socket_fd)->group("");
+  restore_command->add_option("--reply-fd", restore.reply_fd)->group("");
+  restore_command->add_option("--reply-id", restore.reply_id)->group("");
+  restore_command->add_option("--update-record", restore.update_record)->group("");
+  restore_command->add_option("--rollback-binary", restore.rollback_binary)->group("");
+  restore_command->add_option("--x-inject", restore.inject)->group("");
+
+  for (auto* command : {run_command, restore_command}) {
+    command->add_option("--console", common.console, "Serial console output: stdout, none, or a file PATH")
         ->capture_default_str();
+    command->add_option("--control-socket", common.control_socket,
+                        "Path of the QMP-style control socket (created with mode 0600)");
+    command->add_option("--kvm-device", common.kvm_device, "The KVM device")->capture_default_str();
+    command->add_option("--log-level", common.log_level, "Log level: trace, debug, info, warn, error, critical, off")
+        ->capture_default_str();
+  }
 
   CLI11_PARSE(app, argc, argv);
 
   // Logs go to stderr: stdout belongs to the guest console.
   spdlog::set_default_logger(spdlog::stderr_color_mt("vmm"));
   spdlog::set_pattern("[%H:%M:%S.%e] vmm %^%l%$: %v");
-  const auto level = spdlog::level::from_str(log_level);
-  if (level == spdlog::level::off && log_level != "off") {
-    spdlog::error("--log-level '{}' is not one of: trace, debug, info, warn, error, critical, off", log_level);
+  const auto level = spdlog::level::from_str(common.log_level);
+  if (level == spdlog::level::off && common.log_level != "off") {
+    spdlog::error("--log-level '{}' is not one of: trace, debug, info, warn, error, critical, off", common.log_level);
     return 2;
   }
   spdlog::set_level(level);
 
-  if (run_command->parsed()) return vmm::run_vm(run);
+  if (run_command->parsed()) return vmm::run_vm(common, run);
+  if (restore_command->parsed()) return vmm::restore_vm(common, restore);
   return 2;
 }

@@ -153,7 +153,7 @@ TEST(TestGuestLink, LargestHeartbeatGapComesFromTheRing) {
   SharedRegion region;
   TestGuestLink link(region.data(), SharedRegion::kSize);
   auto* s = region.shared();
-  for (uint64_t n = 0; n < 300; ++n) s->heartbeat_ring_tsc[n % VMM_GUEST_HEARTBEAT_RING] = n * 1000 + (n >= 250 ? 50'000 : 0);
+  for (uint64_t h = 1; h <= 300; ++h) s->heartbeat_ring_tsc[h % VMM_GUEST_HEARTBEAT_RING] = h * 1000 + (h >= 250 ? 50'000 : 0);
   s->heartbeat = 300;
   auto gap = link.largest_gap_since(200);
   EXPECT_EQ(gap.gap_tsc, 51'000u);

@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include <expected>
+#include <optional>
 #include <string>
 
 namespace vmm::control {
@@ -20,6 +21,14 @@ struct CommandError {
 
 using CommandResult = std::expected<nlohmann::json, CommandError>;
 
+// Who asked: the client's connection and the request's "id". A command that
+// outlives this process (live-update execs a new vmm) hands the connection on
+// so the new process can send the reply.
+struct CommandContext {
+  int connection_fd = -1;
+  std::optional<nlohmann::json> id;
+};
+
 class CommandHandler {
  public:
   virtual ~CommandHandler() = default;
@@ -30,6 +39,12 @@ class CommandHandler {
   // Unknown commands return kCommandNotFound; bad arguments a GenericError
   // whose desc names the argument and the expected type.
   virtual CommandResult execute(const std::string& command, const nlohmann::json& arguments) = 0;
+  // With the caller's context; by default the context is not needed.
+  virtual CommandResult execute(const std::string& command, const nlohmann::json& arguments,
+                                const CommandContext& context) {
+    (void)context;
+    return execute(command, arguments);
+  }
 };
 
 }  // namespace vmm::control

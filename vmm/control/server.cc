@@ -160,9 +160,14 @@ json program_version() {
 // the thread that serves it.
 class ClientSession {
  public:
-  ClientSession(Server& server, UniqueFd fd, UniqueFd wake_event, std::uint64_t id, pid_t peer_pid)
+  // `first_line` replaces the greeting for a connection handed over from a
+  // previous vmm process, which was negotiated there already.
+  ClientSession(Server& server, UniqueFd fd, UniqueFd wake_event, std::uint64_t id, pid_t peer_pid,
+                std::optional<std::string> first_line = std::nullopt)
       : server_(server), fd_(std::move(fd)), wake_event_(std::move(wake_event)), id_(id),
-        peer_pid_(peer_pid) {}
+        peer_pid_(peer_pid), first_line_(std::move(first_line)) {
+    if (first_line_) negotiated_.store(true, std::memory_order_release);
+  }
 
   void start() { thread_ = std::thread([this] { run(); }); }
   void join() {
@@ -245,7 +250,11 @@ class ClientSession {
 
   void run() {
     spdlog::info("control: client {} connected (pid {})", id_, peer_pid_);
-    enqueue(to_line(json{{"QMP", {{"version", server_.options_.version}, {"capabilities", json::array()}}}}));
+    if (first_line_) {
+      enqueue(*first_line_);
+    } else {
+      enqueue(to_line(json{{"QMP", {{"version", server_.options_.version}, {"capabilities", json::array()}}}}));
+    }
     std::string reason = serve();
     spdlog::info("control: client {} disconnected: {}", id_, reason);
     {
@@ -385,7 +394,7 @@ class ClientSession {
       return;
     }
     spdlog::debug("control: client {}: {}", id_, command);
-    CommandResult result = run_handler(command, arguments);
+    CommandResult result = run_handler(command, arguments, id);
     if (result) {
       reply(json{{"return", std::move(*result)}}, id);
     } else {
@@ -423,10 +432,10 @@ class ClientSession {
     reply(json{{"return", json::object()}}, id);
   }
 
-  CommandResult run_handler(const std::string& command, const json& arguments) {
+  CommandResult run_handler(const std::string& command, const json& arguments, const std::optional<json>& id) {
     // A throwing handler must not take the VMM down with std::terminate.
     try {
-      return server_.handler_.execute(command, arguments);
+      return server_.handler_.execute(command, arguments, CommandContext{fd_.get(), id});
     } catch (const std::exception& error) {
       spdlog::error("control: client {}: {} threw: {}", id_, command, error.what());
       return std::unexpected(CommandError{kGenericError, "internal error in " + command + ": " + error.what()});
@@ -441,6 +450,7 @@ class ClientSession {
   UniqueFd wake_event_;
   const std::uint64_t id_;
   const pid_t peer_pid_;
+  const std::optional<std::string> first_line_;
   std::thread thread_;
   std::atomic<bool> finished_{false};
   std::atomic<bool> negotiated_{false};
@@ -651,13 +661,17 @@ void Server::accept_one() {
     [[maybe_unused]] auto sent = ::send(fd.get(), line.data(), line.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
     return;
   }
+  add_client_locked(std::move(fd), peer.pid, std::nullopt);
+}
+
+void Server::add_client_locked(UniqueFd fd, pid_t peer_pid, std::optional<std::string> first_line) {
   auto wake_event = make_eventfd("control client wake");
   if (!wake_event) {
     spdlog::warn("control: dropping a client: {}", wake_event.error().describe());
     return;
   }
   auto client = std::make_shared<ClientSession>(*this, std::move(fd), std::move(*wake_event),
-                                                next_client_id_++, peer.pid);
+                                                next_client_id_++, peer_pid, std::move(first_line));
   try {
     client->start();
   } catch (const std::system_error& error) {
@@ -665,6 +679,12 @@ void Server::accept_one() {
     return;
   }
   clients_.push_back(std::move(client));
+}
+
+void Server::adopt_client(UniqueFd connection, const nlohmann::json& first_message) {
+  std::lock_guard lock(clients_mutex_);
+  reap_finished_clients_locked();
+  add_client_locked(std::move(connection), 0, to_line(first_message));
 }
 
 void Server::reap_finished_clients_locked() {

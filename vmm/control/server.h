@@ -18,6 +18,7 @@
 #include <list>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 
@@ -87,6 +88,11 @@ class Server {
   // the backlog. Returns an invalid fd if the server was already stopped.
   [[nodiscard]] UniqueFd detach();
 
+  // Serves a client connection negotiated by a previous vmm process (handed
+  // over across execve), sending `first_message` (the reply it is owed)
+  // instead of the greeting.
+  void adopt_client(UniqueFd connection, const nlohmann::json& first_message);
+
   // The listening socket (for handover bookkeeping; still owned here).
   [[nodiscard]] FdRef listening_fd() const { return listen_fd_.ref(); }
   [[nodiscard]] const std::string& path() const { return path_; }
@@ -104,6 +110,7 @@ class Server {
   void accept_one();
   // Joins and forgets clients whose threads have finished. Caller holds clients_mutex_.
   void reap_finished_clients_locked();
+  void add_client_locked(UniqueFd fd, pid_t peer_pid, std::optional<std::string> first_line);
   void remove_path_if_ours();
 
   UniqueFd listen_fd_;

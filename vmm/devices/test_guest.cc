@@ -97,17 +97,17 @@ HeartbeatGap TestGuestLink::largest_gap_since(uint64_t since_heartbeat) const {
   const uint64_t latest = shared_->heartbeat;
   compiler_barrier();
   HeartbeatGap gap;
-  if (latest < 2) return gap;
-  // The ring keeps the last VMM_GUEST_HEARTBEAT_RING heartbeats; heartbeat n
-  // (counting from 0) sits at n % RING.
-  const uint64_t oldest_kept = latest > VMM_GUEST_HEARTBEAT_RING ? latest - VMM_GUEST_HEARTBEAT_RING : 0;
-  const uint64_t first = std::max(since_heartbeat, oldest_kept) ;
-  for (uint64_t n = first + 1; n < latest; ++n) {
-    const uint64_t a = shared_->heartbeat_ring_tsc[(n - 1) % VMM_GUEST_HEARTBEAT_RING];
-    const uint64_t b = shared_->heartbeat_ring_tsc[n % VMM_GUEST_HEARTBEAT_RING];
+  // Heartbeat h (the counter's value after its increment, from 1) is stamped
+  // at ring[h % RING]; the ring keeps the last RING of them, and the newest
+  // slot may be mid-rewrite, so the oldest trusted one is latest - RING + 2.
+  const uint64_t oldest_kept = latest > VMM_GUEST_HEARTBEAT_RING ? latest - VMM_GUEST_HEARTBEAT_RING + 2 : 1;
+  const uint64_t first = std::max(since_heartbeat, oldest_kept);
+  for (uint64_t h = first + 1; h <= latest; ++h) {
+    const uint64_t a = shared_->heartbeat_ring_tsc[(h - 1) % VMM_GUEST_HEARTBEAT_RING];
+    const uint64_t b = shared_->heartbeat_ring_tsc[h % VMM_GUEST_HEARTBEAT_RING];
     if (b > a && b - a > gap.gap_tsc) {
       gap.gap_tsc = b - a;
-      gap.after_heartbeat = n;
+      gap.after_heartbeat = h;
     }
   }
   return gap;

@@ -32,8 +32,8 @@ struct GuestStatus {
   uint64_t pages_dirtied = 0;
 };
 
-// The largest gap between consecutive heartbeats the guest recorded since
-// heartbeat `since` (inclusive), in TSC ticks; reads the guest's ring.
+// The largest gap between consecutive heartbeats the guest recorded after
+// heartbeat `since`, in TSC ticks; read from the guest's ring.
 struct HeartbeatGap {
   uint64_t gap_tsc = 0;
   uint64_t after_heartbeat = 0;  // the gap ends at this heartbeat

@@ -1,0 +1,135 @@
+// The live update: keep the guest's memory in place while the VMM binary
+// (exec mode) or the host kernel (kexec mode) is replaced underneath it.
+//
+//   prepare  (guest running) create a LUO session named after the VM and
+//            preserve the VM fd, every memory region's fd and a pre-sized
+//            state memfd, each under its own token;
+//   freeze   pause every vCPU (the blackout starts) and save the whole state
+//            into the state memfd;
+//   handover execve the new vmm in restore mode (or kexec);
+//   restore  in the new process (restore.h): retrieve by token, rebuild the
+//            VM around the same pages, resume (the blackout ends);
+//   finish   FINISH the session.
+//
+// A failure before the handover cancels the session and resumes the guest;
+// guest memory is never touched. See docs/live-update.md.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <thread>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "kvm/result.h"
+#include "vmm/control/handler.h"
+#include "vmm/machine.h"
+
+namespace vmm {
+
+namespace control {
+class Server;
+}
+
+// Tokens in the VM's session. Regions get kFirstRegionToken + their index.
+inline constexpr uint64_t kVmToken = 1;
+inline constexpr uint64_t kStateToken = 2;
+inline constexpr uint64_t kFirstRegionToken = 16;
+
+struct UpdatePhase {
+  std::string name;
+  int64_t duration_us = 0;
+};
+
+// The last live update, as query-live-update reports it. The exec handover
+// carries it to the new process, which completes it.
+struct UpdateRecord {
+  std::string status = "none";  // none | in-progress | completed | failed
+  std::string mode;             // exec | kexec
+  uint64_t generation = 0;      // updates this VM has survived
+  std::vector<UpdatePhase> phases;
+  std::optional<int64_t> blackout_us;
+  std::optional<int64_t> guest_gap_us;
+  std::optional<std::string> error;
+  // CLOCK_MONOTONIC at the start of the blackout and of the handover.
+  int64_t blackout_started_ns = 0;
+  int64_t handover_started_ns = 0;
+
+  [[nodiscard]] nlohmann::json to_json() const;
+  [[nodiscard]] static Result<UpdateRecord> from_json(const nlohmann::json& json);
+  void add_phase(std::string name, std::chrono::nanoseconds duration);
+};
+
+// Faults a test can inject through the "x-inject" argument of live-update.
+enum class Fault {
+  none,
+  preserve_refused,  // prepare: preserve a file the backend has no handler for
+  state_too_large,   // freeze: a state memfd too small for the state
+  corrupt_state,     // restore: the new process sees a corrupted state blob
+  wrong_token,       // restore: the new process asks for a region by a wrong token
+  wrong_vm_token,    // restore: a guest_memfd's VM token does not match the VM
+};
+[[nodiscard]] Result<Fault> fault_from_string(std::string_view name);
+[[nodiscard]] std::string_view to_string(Fault fault);
+
+// What the new vmm needs besides the session: how this one was started.
+struct RelaunchOptions {
+  std::string control_socket_path;
+  std::string console = "stdout";
+  std::string log_level = "info";
+  std::string kvm_device = "/dev/kvm";
+};
+
+[[nodiscard]] int64_t monotonic_ns();
+[[nodiscard]] int64_t realtime_ns();
+// This process's own binary (what an exec update runs by default).
+[[nodiscard]] std::string own_binary();
+
+class LiveUpdate {
+ public:
+  LiveUpdate(Machine& machine, RelaunchOptions relaunch, UpdateRecord last = {});
+  ~LiveUpdate();
+
+  // The server whose listening socket crosses the exec.
+  void set_control_server(control::Server* server) { server_ = server; }
+  [[nodiscard]] bool in_progress() const { return in_progress_.load(); }
+  [[nodiscard]] nlohmann::json query() const;
+
+  // live-update: runs prepare, freeze and handover on the caller's thread.
+  // An exec that succeeds never returns: the new process replies to the
+  // client on the connection in `context`. Every failure returns an error
+  // with the guest running again (if it was) and its memory untouched.
+  control::CommandResult run(const nlohmann::json& arguments, const control::CommandContext& context);
+
+  // In a restored process: the update that brought it here, completed, and
+  // the guest's own view of the gap measured once it has beaten again.
+  void record_completed(UpdateRecord record, uint64_t heartbeat_at_save);
+
+ private:
+  struct Request {
+    std::string mode;
+    std::string binary;
+    std::string kernel, initrd, cmdline;
+    Fault fault = Fault::none;
+  };
+  [[nodiscard]] Result<Request> parse(const nlohmann::json& arguments) const;
+  void finish_record(UpdateRecord record);
+  void measure_guest_gap(uint64_t heartbeat_at_save);
+
+  Machine& machine_;
+  RelaunchOptions relaunch_;
+  control::Server* server_ = nullptr;
+  std::atomic<bool> in_progress_{false};
+  mutable std::mutex record_mutex_;
+  UpdateRecord record_;
+  std::thread gap_thread_;
+  std::atomic<bool> stopping_{false};
+};
+
+}  // namespace vmm
