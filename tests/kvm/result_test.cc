@@ -1,6 +1,7 @@
 #include "kvm/result.h"
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <gtest/gtest.h>
 
 #include <type_traits>
@@ -46,6 +47,7 @@ TEST(Result, TryMacrosPropagate) {
 }
 
 bool is_open(int fd) { return ::fcntl(fd, F_GETFD) >= 0; }
+int open_some_file() { return ::memfd_create("unique-fd-test", MFD_CLOEXEC); }
 
 TEST(UniqueFd, IsMoveOnly) {
   static_assert(!std::is_copy_constructible_v<UniqueFd>);
@@ -55,7 +57,7 @@ TEST(UniqueFd, IsMoveOnly) {
 }
 
 TEST(UniqueFd, MoveTransfersOwnershipAndDestructionCloses) {
-  const int raw = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+  const int raw = open_some_file();
   ASSERT_GE(raw, 0);
   {
     UniqueFd first(raw);
@@ -68,8 +70,8 @@ TEST(UniqueFd, MoveTransfersOwnershipAndDestructionCloses) {
 }
 
 TEST(UniqueFd, MoveAssignClosesThePreviousDescriptor) {
-  UniqueFd target(::open("/dev/null", O_RDONLY | O_CLOEXEC));
-  UniqueFd source(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+  UniqueFd target(open_some_file());
+  UniqueFd source(open_some_file());
   const int old_fd = target.get();
   const int new_fd = source.get();
   target = std::move(source);
@@ -83,7 +85,7 @@ TEST(UniqueFd, MoveAssignClosesThePreviousDescriptor) {
 }
 
 TEST(UniqueFd, ReleaseAndReset) {
-  UniqueFd fd(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+  UniqueFd fd(open_some_file());
   const int raw = fd.release();
   EXPECT_FALSE(fd.valid());
   EXPECT_TRUE(is_open(raw));

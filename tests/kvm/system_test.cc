@@ -1,6 +1,7 @@
 #include "kvm/system.h"
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -23,7 +24,9 @@ TEST(System, MissingDeviceSaysThereIsNoKvm) {
 }
 
 TEST(System, NonKvmDeviceFailsWithTheIoctlNamed) {
-  auto system = System::open("/dev/null");
+  UniqueFd file(::memfd_create("not-kvm", MFD_CLOEXEC));
+  ASSERT_TRUE(file.valid());
+  auto system = System::open("/proc/self/fd/" + std::to_string(file.get()));
   ASSERT_FALSE(system);
   EXPECT_NE(system.error().message.find("KVM_GET_VCPU_MMAP_SIZE"), std::string::npos);
 }
