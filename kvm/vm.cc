@@ -167,12 +167,13 @@ Result<void> Vm::restore(const VmState& state) {
   kvm_pit_state2 pit = state.pit;
   VMM_TRY(detail::ioctl(fd(), KVM_SET_PIT2, &pit, "KVM_SET_PIT2"));
 
-  // KVM_GET_CLOCK reports TSC_STABLE, which kernels before 5.16 reject in
-  // KVM_SET_CLOCK (Firecracker clears it too). REALTIME is kept where KVM
-  // gave it: the guest clock then advances by the wall time spent between
-  // save and restore, as it would have had the guest kept running.
+  // The guest gets exactly the saved clock. KVM_GET_CLOCK's flags are not
+  // passed back: TSC_STABLE is rejected by KVM_SET_CLOCK before Linux 5.16
+  // (Firecracker clears it too), and REALTIME would make KVM add the wall
+  // time since the save on its own, on top of any downtime the caller already
+  // accounts for (vmm/restore.cc advances the clock and the TSC together).
   kvm_clock_data clock = state.clock;
-  clock.flags &= ~static_cast<uint32_t>(KVM_CLOCK_TSC_STABLE);
+  clock.flags = 0;
   VMM_TRY(detail::ioctl(fd(), KVM_SET_CLOCK, &clock, "KVM_SET_CLOCK"));
   return {};
 }

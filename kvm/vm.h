@@ -51,7 +51,9 @@ class Vm {
   // KVM_IRQ_LINE on the in-kernel irqchip (GSI numbering).
   [[nodiscard]] Result<void> set_irq_line(uint32_t gsi, bool level);
 
-  // Irqchip (PIC master/slave, IOAPIC), PIT and kvmclock.
+  // Irqchip (PIC master/slave, IOAPIC), PIT and kvmclock. restore() sets the
+  // kvmclock to exactly state.clock.clock (its flags are ignored): time spent
+  // between save and restore is the caller's to add, together with the TSC.
   [[nodiscard]] Result<VmState> save() const;
   [[nodiscard]] Result<void> restore(const VmState& state);
 

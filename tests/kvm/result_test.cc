@@ -21,6 +21,16 @@ TEST(Result, DescribeAddsStrerrorOnlyForSystemErrors) {
   EXPECT_EQ(inner.with_context("outer").code, EINVAL);
 }
 
+TEST(Result, WithContextPrefixesOnlyErrors) {
+  Result<int> ok = 7;
+  EXPECT_EQ(with_context(ok, "ctx").value(), 7);
+  Result<int> bad = fail("inner", EIO);
+  auto wrapped = with_context(bad, "outer");
+  ASSERT_FALSE(wrapped);
+  EXPECT_EQ(wrapped.error().message, "outer: inner");
+  EXPECT_EQ(wrapped.error().code, EIO);
+}
+
 TEST(Result, FailErrnoCapturesErrno) {
   errno = EBADF;
   Result<int> result = fail_errno("close");

@@ -145,7 +145,10 @@ TEST_F(VmTest, SaveRestoreIrqchipPitAndClock) {
   modified.ioapic.redirtbl[3].bits = (1ULL << 16) | 0x33;  // masked, vector 0x33
   modified.pit.channels[0].count = 0x1234;
   modified.clock.clock = 10'000'000'000ULL;  // 10 s of guest time
-  modified.clock.flags = 0;
+  // Flags as a host with a TSC clocksource reports them; honouring REALTIME
+  // with this ancient timestamp would jump the clock by decades.
+  modified.clock.flags = KVM_CLOCK_TSC_STABLE | KVM_CLOCK_REALTIME;
+  modified.clock.realtime = 1;
   auto applied = source->restore(modified);
   ASSERT_TRUE(applied) << applied.error().describe();
 
