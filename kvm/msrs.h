@@ -30,8 +30,8 @@ inline constexpr uint32_t kKvmStealTime = 0x4b564d03;
 inline constexpr uint32_t kKvmPvEoiEn = 0x4b564d04;
 inline constexpr uint32_t kKvmAsyncPfInt = 0x4b564d06;
 
-// In restore order. TSC_DEADLINE is applied again after the LAPIC (see
-// Vcpu::restore); TSC goes before TSC_ADJUST, as QEMU does.
+// In restore order, except TSC_DEADLINE, which Vcpu::restore applies after
+// the LAPIC. System::msrs_to_save() keeps those this host's KVM lists.
 inline constexpr uint32_t kWorthSaving[] = {
     kTsc,          kTscAdjust,     kSysenterCs,          kSysenterEsp,   kSysenterEip,
     kMiscEnable,   kPat,           kStar,                kLstar,         kCstar,
