@@ -15,19 +15,6 @@ namespace {
 using namespace std::chrono_literals;
 using nlohmann::json;
 
-#define REQUIRE_KVM()                                              \
-  do {                                                             \
-    std::string why;                                               \
-    if (!kvm_available(&why)) GTEST_SKIP() << why << ": skipping a test that boots a VM"; \
-  } while (0)
-
-#define ASSERT_OK(expr)                                            \
-  ({                                                               \
-    auto result_ = (expr);                                         \
-    ASSERT_TRUE(result_.has_value()) << result_.error().describe(); \
-    std::move(*result_);                                           \
-  })
-
 uint64_t heartbeat(VmmProcess& vm) {
   auto reply = vm.command("query-guest");
   return reply ? (*reply)["heartbeat"].get<uint64_t>() : 0;
@@ -38,6 +25,8 @@ struct BootCase {
   uint32_t vcpus;
   const char* backing;
 };
+
+void PrintTo(const BootCase& c, std::ostream* out) { *out << c.memory << "/" << c.vcpus << "/" << c.backing; }
 
 class Boot : public ::testing::TestWithParam<BootCase> {};
 

@@ -8,6 +8,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -88,8 +89,9 @@ Result<VmmProcess> VmmProcess::launch(std::vector<std::string> args, std::chrono
   process.dir_ = make_temp_dir();
   if (process.dir_.empty()) return fail_errno("mkdtemp");
   process.socket_ = process.dir_ + "/vmm.sock";
-  std::vector<std::string> full{"run", "--control-socket", process.socket_, "--console",
-                                process.dir_ + "/console.log"};
+  std::vector<std::string> full{"run", "--control-socket", process.socket_};
+  if (std::ranges::find(args, "--console") == args.end())
+    full.insert(full.end(), {"--console", process.dir_ + "/console.log"});
   full.insert(full.end(), args.begin(), args.end());
   process.launched_ = std::chrono::steady_clock::now();
   VMM_TRY_ASSIGN(pid, spawn(full, process.dir_));

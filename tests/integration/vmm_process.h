@@ -12,6 +12,25 @@
 #include "kvm/result.h"
 #include "vmm/control/client.h"
 
+// In a test body: the value of a Result that must hold one.
+#define ASSERT_OK(expr)                                              \
+  ({                                                                 \
+    auto result_ = (expr);                                           \
+    ASSERT_TRUE(result_.has_value()) << result_.error().describe();  \
+    std::move(*result_);                                             \
+  })
+// In a test body: a Result<void> that must succeed.
+#define ASSERT_SUCCESS(expr)                                         \
+  do {                                                               \
+    auto result_ = (expr);                                           \
+    ASSERT_TRUE(result_.has_value()) << result_.error().describe();  \
+  } while (0)
+#define REQUIRE_KVM()                                                                       \
+  do {                                                                                      \
+    std::string why_;                                                                       \
+    if (!::vmm::testing::kvm_available(&why_)) GTEST_SKIP() << why_ << ": skipping a test that boots a VM"; \
+  } while (0)
+
 namespace vmm::testing {
 
 // Skips the current test unless /dev/kvm can be opened.
