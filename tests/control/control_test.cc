@@ -1,6 +1,7 @@
 // The control socket server and client against a fake CommandHandler: framing,
 // negotiation, bad input, concurrency, events, socket lifecycle and handover.
 #include <gtest/gtest.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <stdlib.h>
 #include <sys/socket.h>
@@ -32,6 +33,19 @@ using nlohmann::json;
 // echo returns its arguments; slow blocks until released; fail and throw fail.
 class FakeHandler final : public CommandHandler {
  public:
+  // whoami reports its context; pause-accepting calls Server::stop_accepting().
+  CommandResult execute(const std::string& command, const json& arguments,
+                        const CommandContext& context) override {
+    if (command == "whoami")
+      return json{{"connection_fd_valid", fcntl(context.connection_fd, F_GETFD) >= 0},
+                  {"id", context.id.value_or("none")}};
+    if (command == "pause-accepting") {
+      server.load()->stop_accepting();
+      return json::object();
+    }
+    return execute(command, arguments);
+  }
+
   CommandResult execute(const std::string& command, const json& arguments) override {
     ++calls;
     if (command == "query-status") return json{{"status", "running"}, {"running", true}};
@@ -54,6 +68,7 @@ class FakeHandler final : public CommandHandler {
   }
 
   std::atomic<int> calls{0};
+  std::atomic<Server*> server{nullptr};
   std::atomic<bool> slow_running{false};
 
  private:
@@ -83,9 +98,10 @@ UniqueFd connect_raw(const std::string& path) {
   return fd;
 }
 
-// The next line on `fd`, or nullopt at end of stream, error or after one second.
-std::optional<std::string> read_line_raw(FdRef fd, std::string& buffer) {
-  const auto deadline = std::chrono::steady_clock::now() + 1s;
+// The next line on `fd`, or nullopt at end of stream, error or timeout.
+std::optional<std::string> read_line_raw(FdRef fd, std::string& buffer,
+                                         std::chrono::milliseconds timeout = 1s) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
   while (true) {
     if (auto newline = buffer.find('\n'); newline != std::string::npos) {
       std::string line = buffer.substr(0, newline);
@@ -125,6 +141,7 @@ class ControlServerTest : public ::testing::Test {
     auto server = Server::listen(path_, handler_, std::move(options));
     ASSERT_TRUE(server) << server.error().describe();
     server_ = std::move(*server);
+    handler_.server = server_.get();
   }
 
   Client connect() {
@@ -583,6 +600,77 @@ TEST_F(ControlServerTest, StopIsPromptAndIdempotent) {
   for (auto& client : clients) EXPECT_FALSE(client.read_message());
   server_->emit_event("AFTER_STOP");  // harmless
   EXPECT_FALSE(server_->detach());
+}
+
+TEST_F(ControlServerTest, HandlerSeesTheConnectionAndTheId) {
+  start();
+  Client client = connect_negotiated();
+  EXPECT_EQ(request_line(client, R"({"execute": "whoami", "id": {"n": 9}})"),
+            (json{{"return", {{"connection_fd_valid", true}, {"id", {{"n", 9}}}}}, {"id", {{"n", 9}}}}));
+  EXPECT_EQ(request_line(client, R"({"execute": "whoami"})"),
+            (json{{"return", {{"connection_fd_valid", true}, {"id", "none"}}}}));
+}
+
+TEST_F(ControlServerTest, StopAcceptingFromAHandlerQueuesNewConnections) {
+  start();
+  Client client = connect_negotiated();
+  auto paused = client.execute("pause-accepting");  // from a handler: must not deadlock
+  ASSERT_TRUE(paused && *paused);
+  UniqueFd waiting = connect_raw(path_);
+  ASSERT_TRUE(waiting);  // queued in the backlog, not refused
+  std::string buffer;
+  EXPECT_FALSE(read_line_raw(waiting.ref(), buffer, 200ms));  // not served yet
+  auto status = client.execute("query-status");            // connected clients still are
+  ASSERT_TRUE(status && *status);
+  ASSERT_TRUE(server_->resume_accepting());
+  auto greeting = read_line_raw(waiting.ref(), buffer);
+  ASSERT_TRUE(greeting);
+  EXPECT_TRUE(json::parse(*greeting).contains("QMP"));
+}
+
+TEST_F(ControlServerTest, StopWhileNotAcceptingIsPrompt) {
+  start();
+  server_->stop_accepting();
+  const auto before = std::chrono::steady_clock::now();
+  server_->stop();
+  EXPECT_LT(std::chrono::steady_clock::now() - before, 1s);
+  EXPECT_FALSE(std::filesystem::exists(path_));
+  EXPECT_FALSE(server_->resume_accepting());
+}
+
+TEST_F(ControlServerTest, HandedOverClientGetsItsReplyFirstAndStaysNegotiated) {
+  start();
+  int pair[2];
+  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair), 0);
+  UniqueFd ours(pair[1]);
+  const json owed{{"return", {{"updated", true}}}, {"id", "lu-1"}};
+  server_->adopt_client(UniqueFd(pair[0]), owed);
+  std::string buffer;
+  auto first = read_line_raw(ours.ref(), buffer);
+  ASSERT_TRUE(first);
+  EXPECT_EQ(json::parse(*first), owed);
+  EXPECT_EQ(server_->client_count(), 1u);
+
+  const std::string request = R"({"execute": "query-status", "id": 2})" "\n";
+  ASSERT_EQ(::send(ours.get(), request.data(), request.size(), MSG_NOSIGNAL), static_cast<ssize_t>(request.size()));
+  auto reply = read_line_raw(ours.ref(), buffer);
+  ASSERT_TRUE(reply);
+  EXPECT_EQ(json::parse(*reply), (json{{"return", {{"status", "running"}, {"running", true}}}, {"id", 2}}));
+  server_->emit_event("RESUME");
+  auto event = read_line_raw(ours.ref(), buffer);
+  ASSERT_TRUE(event);
+  EXPECT_EQ(json::parse(*event)["event"], "RESUME");
+}
+
+TEST_F(ControlServerTest, HandedOverClientAfterStopIsClosed) {
+  start();
+  server_->stop();
+  int pair[2];
+  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair), 0);
+  UniqueFd ours(pair[1]);
+  server_->adopt_client(UniqueFd(pair[0]), json{{"return", json::object()}});
+  std::string buffer;
+  EXPECT_FALSE(read_line_raw(ours.ref(), buffer));
 }
 
 }  // namespace

@@ -36,6 +36,9 @@ class CommandHandler {
   // `arguments` is always a JSON object (empty when the client sent none).
   // Called from a client's thread; may block (guest-verify waits for the
   // guest), and may be called concurrently from several clients.
+  // Must not call Server::stop() or detach(): they join every client thread,
+  // this one included (signal another thread instead); stop_accepting() and
+  // resume_accepting() are fine.
   // Unknown commands return kCommandNotFound; bad arguments a GenericError
   // whose desc names the argument and the expected type.
   virtual CommandResult execute(const std::string& command, const nlohmann::json& arguments) = 0;

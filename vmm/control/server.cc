@@ -474,16 +474,15 @@ Result<std::unique_ptr<Server>> Server::listen(const std::string& path, CommandH
                                                ServerOptions options) {
   VMM_TRY_ASSIGN(address, unix_address(path));
   VMM_TRY_ASSIGN(fd, bind_socket(path, address));
-  // From here on the path is ours: the server's stop(), or this scope on
-  // failure, removes it.
-  std::unique_ptr<Server> server(new Server(std::move(fd), path, handler, std::move(options)));
   struct stat file{};
   if (::stat(path.c_str(), &file) < 0) {
     auto error = fail_errno("stat control socket " + path);
     ::unlink(path.c_str());
-    server->shut_down_ = true;
     return error;
   }
+  // From here on the path is ours: the server's stop() removes it, on
+  // failure too.
+  std::unique_ptr<Server> server(new Server(std::move(fd), path, handler, std::move(options)));
   server->path_device_ = file.st_dev;
   server->path_inode_ = file.st_ino;
   // The mode can only be narrower than 0600 here (a umask taking owner bits);
@@ -555,6 +554,12 @@ Result<std::unique_ptr<Server>> Server::adopt(UniqueFd listening_fd, const std::
 Result<void> Server::start() {
   VMM_TRY_ASSIGN(stop_event, make_eventfd("control stop"));
   stop_event_ = std::move(stop_event);
+  VMM_TRY_ASSIGN(pause_accept_event, make_eventfd("control accept pause"));
+  pause_accept_event_ = std::move(pause_accept_event);
+  return start_accepting();
+}
+
+Result<void> Server::start_accepting() {
   try {
     accept_thread_ = std::thread([this] { accept_loop(); });
   } catch (const std::system_error& error) {
@@ -565,22 +570,50 @@ Result<void> Server::start() {
 
 void Server::stop() { [[maybe_unused]] UniqueFd closed = shut_down(true); }
 
+void Server::stop_accepting() {
+  std::lock_guard lock(shutdown_mutex_);
+  if (shut_down_ || !accept_thread_.joinable()) return;
+  signal_eventfd(pause_accept_event_.ref());
+  accept_thread_.join();
+  drain_eventfd(pause_accept_event_.ref());
+  spdlog::info("control: no longer accepting on {}; new connections wait in the backlog", path_);
+}
+
+Result<void> Server::resume_accepting() {
+  std::lock_guard lock(shutdown_mutex_);
+  if (shut_down_) return fail("control server for " + path_ + " is stopped");
+  if (accept_thread_.joinable()) return {};
+  VMM_TRY(start_accepting());
+  spdlog::info("control: accepting on {} again", path_);
+  return {};
+}
+
 UniqueFd Server::detach() { return shut_down(false); }
 
 UniqueFd Server::shut_down(bool remove_path) {
-  // Held throughout, so a concurrent stop() cannot remove the path while a
-  // detach() is handing it over, and both return only once all is joined.
-  std::lock_guard lock(shutdown_mutex_);
-  if (shut_down_) return {};
-  shut_down_ = true;
-  stopping_.store(true);
   const auto self = std::this_thread::get_id();
-  if (accept_thread_.get_id() == self) {
-    spdlog::critical("control: Server::stop()/detach() called from the server's own accept thread");
-    std::abort();
+  std::thread accept_thread;
+  {
+    // Not held while joining: a handler that is still running may need it
+    // (stop_accepting(), adopt_client()); it only guards the state change.
+    std::unique_lock lock(shutdown_mutex_);
+    if (shut_down_) {
+      // Idempotent, and synchronous for every caller.
+      shutdown_complete_cv_.wait(lock, [this] { return shutdown_complete_; });
+      return {};
+    }
+    shut_down_ = true;
+    stopping_.store(true);
+    if (accept_thread_.get_id() == self) {
+      spdlog::critical("control: Server::stop()/detach() called from the server's own accept thread");
+      std::abort();
+    }
+    if (stop_event_) signal_eventfd(stop_event_.ref());
+    accept_thread = std::move(accept_thread_);
   }
-  if (stop_event_) signal_eventfd(stop_event_.ref());
-  if (accept_thread_.joinable()) accept_thread_.join();
+  // Joined before the clients are collected: it is the only other thread
+  // that adds clients (adopt_client() checks shut_down_ first).
+  if (accept_thread.joinable()) accept_thread.join();
   std::list<std::shared_ptr<ClientSession>> clients;
   {
     std::lock_guard clients_lock(clients_mutex_);
@@ -594,14 +627,21 @@ UniqueFd Server::shut_down(bool remove_path) {
     }
   }
   for (auto& client : clients) client->join();
-  if (!remove_path) {
+  UniqueFd handed_over;
+  if (remove_path) {
+    remove_path_if_ours();
+    listen_fd_.reset();
+    spdlog::info("control: stopped serving {}", path_);
+  } else {
     spdlog::info("control: detached from {} (fd {}) for handover", path_, listen_fd_.get());
-    return std::move(listen_fd_);
+    handed_over = std::move(listen_fd_);
   }
-  remove_path_if_ours();
-  listen_fd_.reset();
-  spdlog::info("control: stopped serving {}", path_);
-  return {};
+  {
+    std::lock_guard lock(shutdown_mutex_);
+    shutdown_complete_ = true;
+  }
+  shutdown_complete_cv_.notify_all();
+  return handed_over;
 }
 
 void Server::remove_path_if_ours() {
@@ -619,13 +659,15 @@ void Server::remove_path_if_ours() {
 
 void Server::accept_loop() {
   while (true) {
-    std::array<pollfd, 2> fds{{{listen_fd_.get(), POLLIN, 0}, {stop_event_.get(), POLLIN, 0}}};
+    std::array<pollfd, 3> fds{{{listen_fd_.get(), POLLIN, 0},
+                               {stop_event_.get(), POLLIN, 0},
+                               {pause_accept_event_.get(), POLLIN, 0}}};
     if (::poll(fds.data(), fds.size(), -1) < 0) {
       if (errno == EINTR) continue;
       spdlog::error("control: poll on {} failed: {}; no longer accepting", path_, std::strerror(errno));
       return;
     }
-    if (fds[1].revents != 0) return;
+    if (fds[1].revents != 0 || fds[2].revents != 0) return;
     if (fds[0].revents & (POLLERR | POLLNVAL)) {
       spdlog::error("control: listening socket {} failed; no longer accepting", path_);
       return;
@@ -682,6 +724,22 @@ void Server::add_client_locked(UniqueFd fd, pid_t peer_pid, std::optional<std::s
 }
 
 void Server::adopt_client(UniqueFd connection, const nlohmann::json& first_message) {
+  // The session polls and sends without blocking, and the descriptor must
+  // not leak into a later exec: set both, whatever the previous owner did.
+  int status_flags = fcntl(connection.get(), F_GETFL);
+  int fd_flags = fcntl(connection.get(), F_GETFD);
+  if (status_flags < 0 || fd_flags < 0 || fcntl(connection.get(), F_SETFL, status_flags | O_NONBLOCK) < 0 ||
+      fcntl(connection.get(), F_SETFD, fd_flags | FD_CLOEXEC) < 0) {
+    spdlog::warn("control: cannot adopt client connection fd {}: {}", connection.get(), std::strerror(errno));
+    return;
+  }
+  // Under shutdown_mutex_: a session started after stop() joined the others
+  // would never be joined.
+  std::lock_guard shutdown_lock(shutdown_mutex_);
+  if (shut_down_) {
+    spdlog::warn("control: server stopped; closing handed-over client connection");
+    return;
+  }
   std::lock_guard lock(clients_mutex_);
   reap_finished_clients_locked();
   add_client_locked(std::move(connection), 0, to_line(first_message));

@@ -13,6 +13,7 @@
 #include <sys/types.h>
 
 #include <atomic>
+#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <list>
@@ -90,8 +91,16 @@ class Server {
 
   // Serves a client connection negotiated by a previous vmm process (handed
   // over across execve), sending `first_message` (the reply it is owed)
-  // instead of the greeting.
+  // instead of the greeting. Closes it if the server is stopped.
   void adopt_client(UniqueFd connection, const nlohmann::json& first_message);
+
+  // Stops accepting (joins the accept thread) but keeps serving connected
+  // clients; new connections wait in the listen backlog. Unlike detach(),
+  // safe to call from inside a command handler, e.g. just before a
+  // live-update execve, so no connection is accepted and then lost with
+  // this process. resume_accepting() undoes it (if the handover fails).
+  void stop_accepting();
+  [[nodiscard]] Result<void> resume_accepting();
 
   // The listening socket (for handover bookkeeping; still owned here).
   [[nodiscard]] FdRef listening_fd() const { return listen_fd_.ref(); }
@@ -104,6 +113,7 @@ class Server {
 
   Server(UniqueFd listen_fd, std::string path, CommandHandler& handler, ServerOptions options);
   [[nodiscard]] Result<void> start();
+  [[nodiscard]] Result<void> start_accepting();
   // stop() and detach(): returns the listening socket when !remove_path.
   [[nodiscard]] UniqueFd shut_down(bool remove_path);
   void accept_loop();
@@ -124,9 +134,14 @@ class Server {
 
   // Readable once shutdown starts; every thread polls it.
   UniqueFd stop_event_;
+  // Readable to make the accept thread return without stopping the server.
+  UniqueFd pause_accept_event_;
   std::atomic<bool> stopping_{false};
-  std::mutex shutdown_mutex_;  // serializes stop()/detach()
+  // Guards shut_down_, shutdown_complete_ and accept_thread_.
+  std::mutex shutdown_mutex_;
   bool shut_down_ = false;
+  bool shutdown_complete_ = false;
+  std::condition_variable shutdown_complete_cv_;
 
   std::thread accept_thread_;
   mutable std::mutex clients_mutex_;
