@@ -138,13 +138,14 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(0.001, 3600.0));
 
   CLI::App* live_update = app.add_subcommand("live-update", "Start a live update (live-update)");
-  std::string mode;
+  std::string mode = "exec";
   std::string binary;
   std::string kernel;
   std::string initrd;
   std::string cmdline;
   live_update->add_option("--mode", mode, "exec (new vmm binary) or kexec (new host kernel)")
-      ->check(CLI::IsMember({"exec", "kexec"}));
+      ->check(CLI::IsMember({"exec", "kexec"}))
+      ->capture_default_str();
   live_update->add_option("--binary", binary, "The vmm binary to exec");
   live_update->add_option("--kernel", kernel, "Host kernel for kexec");
   live_update->add_option("--initrd", initrd, "Host initrd for kexec");
@@ -184,7 +185,7 @@ int main(int argc, char** argv) {
       status = run_command(client, output, "guest-verify", arguments);
     } else if (chosen == live_update) {
       json arguments = json::object();
-      if (!mode.empty()) arguments["mode"] = mode;
+      arguments["mode"] = mode;
       if (!binary.empty()) arguments["binary"] = binary;
       if (!kernel.empty()) arguments["kernel"] = kernel;
       if (!initrd.empty()) arguments["initrd"] = initrd;

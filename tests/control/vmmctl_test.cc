@@ -118,6 +118,8 @@ TEST_F(VmmctlTest, ArgumentsAreMapped) {
   EXPECT_EQ(vmmctl("--json verify --guest-timeout 2.5").output, "{\"timeout\":2.5}\n");
   EXPECT_EQ(vmmctl("--json live-update --mode kexec --kernel /k --initrd /i --cmdline 'a b'").output,
             "{\"cmdline\":\"a b\",\"initrd\":\"/i\",\"kernel\":\"/k\",\"mode\":\"kexec\"}\n");
+  EXPECT_EQ(vmmctl("--json live-update").output, "{\"mode\":\"exec\"}\n");
+  EXPECT_EQ(vmmctl("--json live-update --binary /new/vmm").output, "{\"binary\":\"/new/vmm\",\"mode\":\"exec\"}\n");
   EXPECT_EQ(vmmctl("--json update-status").exit_status, 1);  // not offered by this handler
 }
 
