@@ -29,6 +29,7 @@ class MachineCommands final : public control::CommandHandler {
   control::CommandResult query_status();
   control::CommandResult query_memory();
   control::CommandResult query_vcpus();
+  control::CommandResult query_memory_hash();
   control::CommandResult query_guest();
   control::CommandResult guest_verify(const nlohmann::json& arguments);
 

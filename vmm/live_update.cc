@@ -215,6 +215,12 @@ control::CommandResult LiveUpdate::run(const json& arguments, const control::Com
 
   // --- prepare: the guest keeps running ---------------------------------
   auto started = steady_clock::now();
+  // The new kernel must be at hand before anything is preserved.
+  for (const std::string* image : {&request->kernel, &request->initrd}) {
+    if (image->empty()) continue;
+    UniqueFd file(::open(image->c_str(), O_RDONLY | O_CLOEXEC));
+    if (!file) return failed(Error{errno, "cannot open the kexec image '" + *image + "'"});
+  }
   if (request->mode == "exec") {
     auto backend = luo::ExecBackend::create();
     attempt.exec_backend = backend.get();

@@ -36,6 +36,7 @@ GuestStatus TestGuestLink::status() const {
     if (cpu.online) ++status.vcpus_online;
     status.pages_stamped += cpu.pages_stamped;
     status.pages_dirtied += cpu.pages_dirtied;
+    status.vcpus.push_back({cpu.ticks, cpu.pages_dirtied, cpu.pass, cpu.online != 0});
   }
   return status;
 }

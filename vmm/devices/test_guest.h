@@ -22,6 +22,13 @@ struct VerifyResult {
   std::chrono::microseconds duration{0};
 };
 
+struct GuestVcpuStatus {
+  uint64_t ticks = 0;
+  uint64_t pages_dirtied = 0;
+  uint64_t pass = 0;
+  bool online = false;
+};
+
 struct GuestStatus {
   uint64_t phase = 0;
   uint64_t heartbeat = 0;
@@ -30,6 +37,7 @@ struct GuestStatus {
   uint64_t pages_stamped = 0;
   uint32_t vcpus_online = 0;
   uint64_t pages_dirtied = 0;
+  std::vector<GuestVcpuStatus> vcpus;
 };
 
 // The largest gap between consecutive heartbeats the guest recorded after

@@ -1,0 +1,262 @@
+// End-to-end live updates of the real vmm binary (exec mode): the guest's
+// memory stays where it is, the guest carries on, and every failure before
+// the handover leaves the guest running with its memory intact.
+#include <gtest/gtest.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+
+#include <atomic>
+#include <fstream>
+#include <thread>
+
+#include "tests/integration/vmm_process.h"
+
+namespace vmm::testing {
+namespace {
+
+using namespace std::chrono_literals;
+using nlohmann::json;
+
+uint64_t heartbeat_of(const json& guest) { return guest["heartbeat"].get<uint64_t>(); }
+
+// RssAnon of `pid` in KiB: anonymous memory, which guest RAM must never be.
+uint64_t rss_anon_kib(pid_t pid) {
+  std::ifstream status("/proc/" + std::to_string(pid) + "/status");
+  std::string key;
+  uint64_t value = 0;
+  while (status >> key) {
+    if (key == "RssAnon:") {
+      status >> value;
+      return value;
+    }
+    status.ignore(1 << 10, '\n');
+  }
+  return 0;
+}
+
+// Waits until the guest has stamped all of RAM (so verification covers it).
+Result<json> wait_stamped(VmmProcess& vm) {
+  return vm.wait_guest([](const json& g) { return g["phase"] == "running"; }, 60s);
+}
+
+// Runs one exec update that must succeed and returns its reply.
+Result<json> exec_update(VmmProcess& vm, json extra = json::object()) {
+  json arguments = {{"mode", "exec"}};
+  arguments.update(extra);
+  VMM_TRY_ASSIGN(reply, vm.client().execute("live-update", arguments));
+  if (!reply) return fail("live-update failed: " + reply.error().desc);
+  return *reply;
+}
+
+// The checks after every successful update: the guest runs on from where it
+// stopped, on every vCPU, and every page verifies.
+void expect_guest_carries_on(VmmProcess& vm, uint64_t heartbeat_before, uint32_t vcpus) {
+  auto guest = ASSERT_OK(vm.command("query-guest"));
+  EXPECT_GE(heartbeat_of(guest), heartbeat_before) << "the heartbeat continues; it is not reset";
+  std::vector<uint64_t> ticks;
+  for (const auto& vcpu : guest["vcpus"]) ticks.push_back(vcpu["ticks"].get<uint64_t>());
+  ASSERT_EQ(ticks.size(), vcpus);
+  auto later = ASSERT_OK(vm.wait_guest(
+      [&](const json& g) {
+        for (size_t i = 0; i < ticks.size(); ++i)
+          if (g["vcpus"][i]["ticks"].get<uint64_t>() <= ticks[i] + 3) return false;
+        return true;
+      },
+      20s));
+  EXPECT_GT(heartbeat_of(later), heartbeat_of(guest));
+  auto verified = ASSERT_OK(vm.command("guest-verify", {{"timeout", 120}}));
+  EXPECT_EQ(verified["mismatches"], 0) << verified.dump();
+  EXPECT_EQ(verified["pages_checked"], later["pages_total"]);
+}
+
+struct Identity {
+  uint64_t inode, device;
+  bool operator==(const Identity&) const = default;
+};
+std::map<std::string, Identity> region_identities(VmmProcess& vm) {
+  std::map<std::string, Identity> out;
+  auto regions = vm.command("query-memory");
+  if (!regions) return out;
+  for (const auto& region : *regions)
+    out[region["name"]] = {region["inode"].get<uint64_t>(), region["device"].get<uint64_t>()};
+  return out;
+}
+
+TEST(LiveUpdate, ExecUpdateKeepsMemoryInPlaceAndTheGuestCarriesOn) {
+  REQUIRE_KVM();
+  auto vm = ASSERT_OK(VmmProcess::launch({"--vcpus", "2", "--memory", "256M"}));
+  ASSERT_OK(wait_stamped(vm));
+  ASSERT_OK(vm.command("guest-verify"));
+  const auto before = region_identities(vm);
+  const uint64_t heartbeat = heartbeat_of(ASSERT_OK(vm.command("query-guest")));
+
+  auto reply = ASSERT_OK(exec_update(vm));
+  EXPECT_EQ(reply["status"], "completed");
+  EXPECT_EQ(reply["mode"], "exec");
+  EXPECT_EQ(reply["generation"], 1);
+  EXPECT_GT(reply["blackout_us"].get<int64_t>(), 0);
+  std::vector<std::string> phases;
+  for (const auto& phase : reply["phases"]) phases.push_back(phase["name"]);
+  EXPECT_EQ(phases, (std::vector<std::string>{"prepare", "freeze", "handover", "restore", "finish"}));
+
+  // Zero copy: the very same files back every region, in the same process,
+  // and none of the guest's RAM became anonymous memory.
+  EXPECT_EQ(region_identities(vm), before);
+  for (const auto& region : ASSERT_OK(vm.command("query-memory")))
+    EXPECT_EQ(region["slot"], "userspace") << "after exec every region is attached through its mapping";
+  EXPECT_LT(rss_anon_kib(vm.pid()), 64u * 1024) << "RssAnon stays far below the guest's 256 MiB";
+
+  expect_guest_carries_on(vm, heartbeat, 2);
+  auto record = ASSERT_OK(vm.command("query-live-update"));
+  EXPECT_EQ(record["status"], "completed");
+  EXPECT_TRUE(record.contains("guest_gap_us")) << record.dump();
+  EXPECT_EQ(ASSERT_OK(vm.command("query-status"))["status"], "running");
+}
+
+class RepeatedUpdates : public ::testing::TestWithParam<const char*> {};
+
+TEST_P(RepeatedUpdates, TwentyUpdatesInARowVerifiedAfterEach) {
+  REQUIRE_KVM();
+  auto vm = ASSERT_OK(VmmProcess::launch({"--vcpus", "2", "--memory", "256M", "--memory-backing", GetParam()}));
+  ASSERT_OK(wait_stamped(vm));
+  const auto identities = region_identities(vm);
+  for (int generation = 1; generation <= 20; ++generation) {
+    SCOPED_TRACE("update " + std::to_string(generation));
+    const uint64_t heartbeat = heartbeat_of(ASSERT_OK(vm.command("query-guest")));
+    auto reply = ASSERT_OK(exec_update(vm));
+    ASSERT_EQ(reply["generation"], generation);
+    ASSERT_EQ(region_identities(vm), identities);
+    auto guest = ASSERT_OK(vm.wait_guest([&](const json& g) { return heartbeat_of(g) > heartbeat + 2; }, 20s));
+    auto verified = ASSERT_OK(vm.command("guest-verify", {{"timeout", 120}}));
+    ASSERT_EQ(verified["mismatches"], 0) << verified.dump();
+    ASSERT_EQ(verified["pages_checked"], guest["pages_total"]);
+  }
+  EXPECT_LT(rss_anon_kib(vm.pid()), 64u * 1024);
+}
+INSTANTIATE_TEST_SUITE_P(Backings, RepeatedUpdates, ::testing::Values("guest_memfd", "memfd"));
+
+TEST(LiveUpdate, PausedVmStaysPausedWithItsMemoryUnchanged) {
+  REQUIRE_KVM();
+  auto vm = ASSERT_OK(VmmProcess::launch({"--vcpus", "2"}));
+  ASSERT_OK(wait_stamped(vm));
+  ASSERT_OK(vm.command("stop"));
+  const auto hash_before = ASSERT_OK(vm.command("query-memory-hash"));
+  const uint64_t heartbeat = heartbeat_of(ASSERT_OK(vm.command("query-guest")));
+
+  auto reply = ASSERT_OK(exec_update(vm));
+  EXPECT_EQ(reply["status"], "completed");
+  EXPECT_EQ(ASSERT_OK(vm.command("query-status")), (json{{"status", "paused"}, {"running", false}}));
+  std::this_thread::sleep_for(200ms);
+  EXPECT_EQ(heartbeat_of(ASSERT_OK(vm.command("query-guest"))), heartbeat) << "still frozen";
+  EXPECT_EQ(ASSERT_OK(vm.command("query-memory-hash")), hash_before) << "not a byte of guest memory changed";
+
+  ASSERT_OK(vm.command("cont"));
+  expect_guest_carries_on(vm, heartbeat, 2);
+}
+
+TEST(LiveUpdate, ControlSocketNeverRefusesAConnectionDuringTheUpdate) {
+  REQUIRE_KVM();
+  auto vm = ASSERT_OK(VmmProcess::launch({}));
+  ASSERT_OK(wait_stamped(vm));
+  std::atomic<bool> done{false};
+  std::atomic<int> attempts{0}, refused{0};
+  std::thread prober([&] {
+    sockaddr_un address{};
+    address.sun_family = AF_UNIX;
+    std::strncpy(address.sun_path, vm.socket_path().c_str(), sizeof address.sun_path - 1);
+    while (!done) {
+      int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+      if (::connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof address) != 0) ++refused;
+      ++attempts;
+      ::close(fd);
+      std::this_thread::sleep_for(200us);
+    }
+  });
+  for (int i = 0; i < 3; ++i) ASSERT_OK(exec_update(vm));
+  done = true;
+  prober.join();
+  EXPECT_GT(attempts.load(), 10);
+  EXPECT_EQ(refused.load(), 0) << "no client ever sees connection refused";
+}
+
+TEST(LiveUpdate, KexecModeFailsClearlyHereAndTheGuestContinues) {
+  REQUIRE_KVM();
+  auto vm = ASSERT_OK(VmmProcess::launch({}));
+  ASSERT_OK(wait_stamped(vm));
+  const uint64_t heartbeat = heartbeat_of(ASSERT_OK(vm.command("query-guest")));
+  auto reply = ASSERT_OK(vm.client().execute(
+      "live-update", {{"mode", "kexec"}, {"kernel", "/boot/vmlinuz"}, {"cmdline", "kho=on liveupdate=on"}}));
+  ASSERT_FALSE(reply.has_value());
+  EXPECT_NE(reply.error().desc.find("/dev/liveupdate"), std::string::npos) << reply.error().desc;
+  EXPECT_EQ(ASSERT_OK(vm.command("query-status"))["status"], "running");
+  auto record = ASSERT_OK(vm.command("query-live-update"));
+  EXPECT_EQ(record["status"], "failed");
+  EXPECT_EQ(record["mode"], "kexec");
+  EXPECT_EQ(record["generation"], 0);
+  expect_guest_carries_on(vm, heartbeat, 1);
+}
+
+struct PrepareFailure {
+  const char* name;
+  json arguments;
+  const char* expected;  // in the error's desc
+};
+void PrintTo(const PrepareFailure& f, std::ostream* out) { *out << f.name; }
+
+class FailureBeforeHandover : public ::testing::TestWithParam<PrepareFailure> {};
+
+// Each failure cancels the session, resumes the guest and loses nothing; the
+// next update then works.
+TEST_P(FailureBeforeHandover, CancelsResumesAndLosesNothing) {
+  REQUIRE_KVM();
+  auto vm = ASSERT_OK(VmmProcess::launch({"--vcpus", "2"}));
+  ASSERT_OK(wait_stamped(vm));
+  const auto identities = region_identities(vm);
+  const uint64_t heartbeat = heartbeat_of(ASSERT_OK(vm.command("query-guest")));
+
+  auto reply = ASSERT_OK(vm.client().execute("live-update", GetParam().arguments));
+  ASSERT_FALSE(reply.has_value()) << "the update must fail";
+  EXPECT_NE(reply.error().desc.find(GetParam().expected), std::string::npos) << reply.error().desc;
+  EXPECT_NE(reply.error().desc.find("memory is intact"), std::string::npos) << reply.error().desc;
+  EXPECT_EQ(ASSERT_OK(vm.command("query-status"))["status"], "running");
+  auto record = ASSERT_OK(vm.command("query-live-update"));
+  EXPECT_EQ(record["status"], "failed");
+  EXPECT_EQ(record["generation"], 0);
+  EXPECT_TRUE(record.contains("error"));
+  expect_guest_carries_on(vm, heartbeat, 2);
+
+  // The cancelled session freed its name: the next update goes through.
+  auto retried = ASSERT_OK(exec_update(vm));
+  EXPECT_EQ(retried["generation"], 1);
+  EXPECT_EQ(region_identities(vm), identities);
+  expect_guest_carries_on(vm, heartbeat, 2);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Injected, FailureBeforeHandover,
+    ::testing::Values(
+        PrepareFailure{"FdTheBackendRefuses", {{"mode", "exec"}, {"x-inject", "preserve-refused"}}, "prepare"},
+        PrepareFailure{"StateLargerThanItsMemfd", {{"mode", "exec"}, {"x-inject", "state-too-large"}},
+                       "does not fit"},
+        PrepareFailure{"ExecOfAMissingBinary", {{"mode", "exec"}, {"binary", "/nonexistent/vmm"}}, "/nonexistent/vmm"},
+        PrepareFailure{"KexecWithoutKernelImage", {{"mode", "kexec"}, {"kernel", "/nonexistent/bzImage"}},
+                       "cannot open the kexec image '/nonexistent/bzImage'"}),
+    [](const auto& info) { return std::string(info.param.name); });
+
+TEST(LiveUpdate, BadArgumentsAreRefusedWithoutTouchingTheGuest) {
+  REQUIRE_KVM();
+  auto vm = ASSERT_OK(VmmProcess::launch({}));
+  for (const json& arguments : {json::object(), json{{"mode", "teleport"}}, json{{"mode", 7}},
+                                json{{"mode", "exec"}, {"kernel", "/boot/vmlinuz"}},
+                                json{{"mode", "kexec"}}, json{{"mode", "exec"}, {"x-inject", "gremlins"}},
+                                json{{"mode", "exec"}, {"speed", "fast"}}}) {
+    auto reply = ASSERT_OK(vm.client().execute("live-update", arguments));
+    ASSERT_FALSE(reply.has_value()) << arguments.dump();
+    EXPECT_EQ(reply.error().error_class, "GenericError");
+  }
+  EXPECT_EQ(ASSERT_OK(vm.command("query-live-update"))["status"], "none");
+  EXPECT_EQ(ASSERT_OK(vm.command("query-status"))["status"], "running");
+}
+
+}  // namespace
+}  // namespace vmm::testing
