@@ -46,6 +46,13 @@ struct PreservedFile {
   UniqueFd new_vm;  // kvm_vm: the brand-new VM every retrieve hands a dup of
 
   [[nodiscard]] int handout_source() const { return new_vm.valid() ? new_vm.get() : fd.get(); }
+
+  // Incoming: the manifest entry this file arrived with. Passing it on
+  // unchanged (the inherited fd, the old VM rather than new_vm) lets the next
+  // process check every fd exactly as this one did.
+  [[nodiscard]] manifest::Entry inherited_entry() const {
+    return manifest::Entry{token, fd.get(), kind, vm_token, size, dev, ino};
+  }
 };
 
 struct SessionState {
@@ -130,27 +137,137 @@ void restore_fd_flags(const std::vector<FdFlags>& snapshot) {
   }
 }
 
-Error exec_error(int code, const std::string& path) {
+// `what_now`: what the caller can still do, since the exec changed nothing.
+Error exec_error(int code, const std::string& path, std::string_view what_now) {
   switch (code) {
     case ENOENT:
-      return Error{code, fmt::format("new vmm binary '{}' not found: check the path given for the "
-                                     "upgrade; the VM can resume on this binary (cancel_exec())",
-                                     path)};
+      return Error{code, fmt::format("vmm binary '{}' not found: check the path given for the exec; {}", path,
+                                     what_now)};
     case EACCES:
-      return Error{code, fmt::format("'{}' is not executable (permissions or a noexec mount); the VM "
-                                     "can resume on this binary",
-                                     path)};
+      return Error{code,
+                   fmt::format("'{}' is not executable (permissions or a noexec mount); {}", path, what_now)};
     case ENOEXEC:
-      return Error{code, fmt::format("'{}' is not an executable for this machine; the VM can resume on "
-                                     "this binary",
-                                     path)};
+      return Error{code, fmt::format("'{}' is not an executable for this machine; {}", path, what_now)};
     case ETXTBSY:
       return Error{code, fmt::format("'{}' is still open for writing (being copied?); retry when it is "
                                      "complete",
                                      path)};
     default:
-      return Error{code, fmt::format("execve '{}'; the VM can resume on this binary", path)};
+      return Error{code, fmt::format("execve '{}'; {}", path, what_now)};
   }
+}
+
+// Writes `record` into a new sealed memfd (close-on-exec until an exec keeps it).
+Result<UniqueFd> write_manifest(const manifest::Manifest& record) {
+  const std::vector<uint8_t> bytes = manifest::encode(record);
+  UniqueFd fd(::memfd_create("vmm-luo-manifest", MFD_CLOEXEC | MFD_ALLOW_SEALING));
+  if (!fd.valid()) return fail_errno("memfd_create for the LUO exec manifest");
+  size_t written = 0;
+  while (written < bytes.size()) {
+    const ssize_t n = ::write(fd.get(), bytes.data() + written, bytes.size() - written);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return fail_errno("writing the LUO exec manifest");
+    written += static_cast<size_t>(n);
+  }
+  // The manifest is read, never written, on the other side: seal it so neither
+  // process can change it by accident.
+  if (::fcntl(fd.get(), F_ADD_SEALS, F_SEAL_WRITE | F_SEAL_GROW | F_SEAL_SHRINK | F_SEAL_SEAL) != 0) {
+    return fail_errno("sealing the LUO exec manifest");
+  }
+  return fd;
+}
+
+// Whether fd `entry.fd` is the file `entry` describes. `not_open_hint` says
+// who should have kept it open.
+Result<void> check_entry_fd(const manifest::Entry& entry, const std::string& session,
+                            std::string_view not_open_hint) {
+  const std::string what = fmt::format("{} token {:#x} of session '{}'", to_string(entry.kind), entry.token, session);
+  auto info = inspect_fd(FdRef(entry.fd));
+  if (!info) {
+    return fail(fmt::format("the manifest puts {} at fd {}, which is not open: {}", what, entry.fd, not_open_hint),
+                EBADF);
+  }
+  if (info->kind != entry.kind || info->dev != entry.dev || info->ino != entry.ino) {
+    return fail(fmt::format("the manifest puts {} at fd {}, but fd {} is {} ({}): not the file that was "
+                            "preserved",
+                            what, entry.fd, entry.fd, to_string(info->kind), info->link),
+                EINVAL);
+  }
+  if (entry.kind != FileKind::kvm_vm && info->size != entry.size) {
+    return fail(fmt::format("{} was {} bytes at the handover but is {} now", what, entry.size, info->size), EINVAL);
+  }
+  return {};
+}
+
+// `argv` with `--luo-manifest-fd` set to `manifest_fd`: the value replaced
+// where the option is already there (a rollback typically reuses this
+// process's own argv, whose manifest fd is closed by now), appended otherwise.
+std::vector<std::string> with_manifest_fd(std::vector<std::string> argv, int manifest_fd) {
+  const std::string value = std::to_string(manifest_fd);
+  const std::string joined_prefix = std::string(kManifestFdOption) + "=";
+  bool found = false;
+  for (size_t i = 1; i < argv.size(); ++i) {
+    if (argv[i] == kManifestFdOption) {
+      if (i + 1 == argv.size()) argv.emplace_back();  // the option without its value
+      argv[++i] = value;
+      found = true;
+    } else if (argv[i].starts_with(joined_prefix)) {
+      argv[i] = joined_prefix + value;
+      found = true;
+    }
+  }
+  if (!found) {
+    argv.emplace_back(kManifestFdOption);
+    argv.push_back(value);
+  }
+  return argv;
+}
+
+// Execs `request` with exactly `kept` and `request.extra_fds` (and stdio)
+// inherited: every other fd >= 3 is marked FD_CLOEXEC first. Returns only on
+// failure, with every fd's FD_CLOEXEC flag as it was. `what` names the
+// handover in the log; `what_now` says, in errors, what the caller can do.
+Result<void> exec_inheriting(const ExecSyscalls& syscalls, const ExecRequest& request, std::vector<int> kept,
+                             std::string_view what, std::string_view what_now) {
+  if (request.argv.empty()) return fail("exec needs argv[0]", EINVAL);
+
+  // Everything that allocates happens before the fd flags change.
+  std::vector<char*> argv;
+  for (const auto& arg : request.argv) argv.push_back(const_cast<char*>(arg.c_str()));
+  argv.push_back(nullptr);
+  std::vector<char*> envp;
+  if (request.envp) {
+    for (const auto& var : *request.envp) envp.push_back(const_cast<char*>(var.c_str()));
+    envp.push_back(nullptr);
+  }
+  char* const* env = request.envp ? envp.data() : environ;
+
+  for (int fd : request.extra_fds) {
+    if (fd < 3) continue;  // stdio is always inherited
+    if (::fcntl(fd, F_GETFD) < 0) {
+      return fail(fmt::format("extra fd {} to hand to the new vmm is not open", fd), EBADF);
+    }
+    kept.push_back(fd);
+  }
+  VMM_TRY_ASSIGN(snapshot, snapshot_fd_flags());
+
+  // Only the handed-over fds may cross: a leaked fd would keep, say, an old
+  // vCPU or a client connection alive in the new vmm.
+  if (::close_range(3, ~0U, CLOSE_RANGE_CLOEXEC) != 0) {
+    for (const auto& [fd, flags] : snapshot) (void)::fcntl(fd, F_SETFD, flags | FD_CLOEXEC);
+  }
+  for (int fd : kept) {
+    if (auto cleared = set_cloexec(fd, false); !cleared) {
+      restore_fd_flags(snapshot);
+      return std::unexpected(cleared.error());
+    }
+  }
+
+  spdlog::info("luo: {}: exec {} with {} inherited fd(s)", what, request.path, kept.size());
+  syscalls.execve(request.path.c_str(), argv.data(), env);
+  const int code = errno;
+  restore_fd_flags(snapshot);
+  return std::unexpected(exec_error(code, request.path, what_now));
 }
 
 }  // namespace
@@ -160,6 +277,9 @@ struct ExecBackend::Registry {
   std::vector<std::shared_ptr<SessionState>> outgoing;
   std::vector<std::shared_ptr<SessionState>> incoming;
   UniqueFd manifest;  // valid while prepared for exec
+  // Made by from_manifest(): `incoming` came from a previous process (and what
+  // is left of it can be passed on).
+  bool adopted = false;
 
   [[nodiscard]] bool prepared() const { return manifest.valid(); }
 
@@ -461,21 +581,7 @@ Result<ExecHandover> ExecBackend::prepare_exec() {
     record.sessions.push_back(std::move(entries));
   }
 
-  const std::vector<uint8_t> bytes = manifest::encode(record);
-  UniqueFd fd(::memfd_create("vmm-luo-manifest", MFD_CLOEXEC | MFD_ALLOW_SEALING));
-  if (!fd.valid()) return fail_errno("memfd_create for the LUO exec manifest");
-  size_t written = 0;
-  while (written < bytes.size()) {
-    const ssize_t n = ::write(fd.get(), bytes.data() + written, bytes.size() - written);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) return fail_errno("writing the LUO exec manifest");
-    written += static_cast<size_t>(n);
-  }
-  // The manifest is read, never written, on the other side: seal it so neither
-  // process can change it by accident.
-  if (::fcntl(fd.get(), F_ADD_SEALS, F_SEAL_WRITE | F_SEAL_GROW | F_SEAL_SHRINK | F_SEAL_SEAL) != 0) {
-    return fail_errno("sealing the LUO exec manifest");
-  }
+  VMM_TRY_ASSIGN(fd, write_manifest(record));
 
   for (auto& [file, vm_token] : vm_tokens) file->vm_token = vm_token;
   handover.manifest_fd = fd.get();
@@ -495,49 +601,58 @@ void ExecBackend::cancel_exec() {
 
 Result<void> ExecBackend::exec(const ExecRequest& request) {
   if (!registry_->prepared()) return fail("not prepared for exec: call prepare_exec() first", EINVAL);
-  if (request.argv.empty()) return fail("exec needs argv[0]", EINVAL);
-
-  // Everything that allocates happens before the fd flags change.
-  std::vector<char*> argv;
-  for (const auto& arg : request.argv) argv.push_back(const_cast<char*>(arg.c_str()));
-  argv.push_back(nullptr);
-  std::vector<char*> envp;
-  if (request.envp) {
-    for (const auto& var : *request.envp) envp.push_back(const_cast<char*>(var.c_str()));
-    envp.push_back(nullptr);
-  }
-  char* const* env = request.envp ? envp.data() : environ;
-
   std::vector<int> kept{registry_->manifest.get()};
   for (const auto& session : registry_->outgoing) {
     for (const auto& file : session->files) kept.push_back(file.fd.get());
   }
-  for (int fd : request.extra_fds) {
-    if (fd < 3) continue;  // stdio is always inherited
-    if (::fcntl(fd, F_GETFD) < 0) {
-      return fail(fmt::format("extra fd {} to hand to the new vmm is not open", fd), EBADF);
-    }
-    kept.push_back(fd);
-  }
-  VMM_TRY_ASSIGN(snapshot, snapshot_fd_flags());
+  return exec_inheriting(registry_->options.syscalls, request, std::move(kept), "handover",
+                         "the VM can resume on this binary (cancel_exec())");
+}
 
-  // Only the handed-over fds may cross: a leaked fd would keep, say, an old
-  // vCPU or a client connection alive in the new vmm.
-  if (::close_range(3, ~0U, CLOSE_RANGE_CLOEXEC) != 0) {
-    for (const auto& [fd, flags] : snapshot) (void)::fcntl(fd, F_SETFD, flags | FD_CLOEXEC);
+Result<void> ExecBackend::pass_on(const ExecRequest& request) {
+  if (!registry_->adopted) {
+    return fail("pass_on hands on the sessions a previous vmm handed over, and this backend has none: it was "
+                "made by create(); use from_manifest() in the new process",
+                EINVAL);
   }
-  for (int fd : kept) {
-    if (auto cleared = set_cloexec(fd, false); !cleared) {
-      restore_fd_flags(snapshot);
-      return std::unexpected(cleared.error());
+  // Checked before argv gets the manifest option, which would make it look non-empty.
+  if (request.argv.empty()) return fail("exec needs argv[0]", EINVAL);
+
+  // Exactly what arrived, minus what this process finished: the inherited fds
+  // and their original entries, whatever retrieve did here. The next process
+  // makes its own new VM and its own (non-sticky) retrieves.
+  manifest::Manifest record;
+  std::vector<int> kept;
+  std::string names;
+  for (const auto& session : registry_->incoming) {
+    if (session->finished) continue;  // the kernel drops finished sessions too
+    manifest::SessionEntries entries{session->name, {}};
+    for (const auto& file : session->files) {
+      const manifest::Entry entry = file.inherited_entry();
+      // The next process's from_manifest() would refuse the whole manifest,
+      // leaving nothing to retry with; refuse here, where the sessions still are.
+      VMM_TRY(with_context(check_entry_fd(entry, session->name, "this process closed an inherited fd"),
+                           "cannot pass on LUO sessions"));
+      entries.entries.push_back(entry);
+      kept.push_back(entry.fd);
     }
+    names += fmt::format("{}'{}' ({} file(s))", names.empty() ? "" : ", ", session->name, entries.entries.size());
+    record.sessions.push_back(std::move(entries));
+  }
+  if (record.sessions.empty()) {
+    return fail("nothing to pass on: every LUO session the previous vmm handed over is finished here", ENOENT);
   }
 
-  spdlog::info("luo: exec {} with {} inherited fd(s)", request.path, kept.size());
-  registry_->options.syscalls.execve(request.path.c_str(), argv.data(), env);
-  const int code = errno;
-  restore_fd_flags(snapshot);
-  return std::unexpected(exec_error(code, request.path));
+  VMM_TRY_ASSIGN(manifest_fd, write_manifest(record));
+  kept.push_back(manifest_fd.get());
+  ExecRequest next = request;
+  next.argv = with_manifest_fd(request.argv, manifest_fd.get());
+  auto done = exec_inheriting(registry_->options.syscalls, next, std::move(kept),
+                              fmt::format("passing on unfinished session(s) {} with manifest fd {}", names,
+                                          manifest_fd.get()),
+                              "the sessions are still here, unfinished: pass them on again (another binary?)");
+  // Only on failure: the manifest closes with `manifest_fd`; the sessions are untouched.
+  return with_context(std::move(done), fmt::format("passing on LUO session(s) {}", names));
 }
 
 void ExecBackend::release_after_handover() {
@@ -585,31 +700,13 @@ Result<std::unique_ptr<ExecBackend>> ExecBackend::from_manifest(int manifest_fd,
   // Check every fd before adopting any of them.
   for (const auto& session : decoded->sessions) {
     for (const auto& entry : session.entries) {
-      const std::string what = fmt::format("{} token {:#x} of session '{}'", to_string(entry.kind), entry.token,
-                                           session.name);
-      auto info = inspect_fd(FdRef(entry.fd));
-      if (!info) {
-        return fail(fmt::format("{}: the manifest puts {} at fd {}, which is not open: the old vmm did not "
-                                "hand it over",
-                                option, what, entry.fd),
-                    EBADF);
-      }
-      if (info->kind != entry.kind || info->dev != entry.dev || info->ino != entry.ino) {
-        return fail(fmt::format("{}: the manifest puts {} at fd {}, but fd {} is {} ({}): not the file that "
-                                "was preserved",
-                                option, what, entry.fd, entry.fd, to_string(info->kind), info->link),
-                    EINVAL);
-      }
-      if (entry.kind != FileKind::kvm_vm && info->size != entry.size) {
-        return fail(fmt::format("{}: {} was {} bytes at the handover but is {} now", option, what, entry.size,
-                                info->size),
-                    EINVAL);
-      }
+      VMM_TRY(with_context(check_entry_fd(entry, session.name, "the old vmm did not hand it over"), option));
     }
   }
 
   auto registry = std::make_shared<Registry>();
   registry->options = std::move(options);
+  registry->adopted = true;
   size_t files = 0;
   for (auto& session : decoded->sessions) {
     auto state = std::make_shared<SessionState>();

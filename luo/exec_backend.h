@@ -16,6 +16,9 @@
 //   auto s = luo->retrieve_session("vmm");
 //   s->retrieve(vm_token);   // a NEW empty VM: an inherited VM fd is dead after exec (EIO)
 //   s->retrieve(gmem_token); s->retrieve(memfd_token)...; s->finish();
+//   // restore failed: hand the unfinished sessions, unchanged, to another exec
+//   // (typically the previous binary: a rollback); returns only on failure
+//   luo->pass_on({old_path, argv, {}, {control_socket_fd}});
 //
 // Where userspace can't match the kernel (all documented at the spot):
 //  - A memfd's no-grow/no-shrink rule is enforced with F_SEAL_GROW|F_SEAL_SHRINK,
@@ -119,6 +122,27 @@ class ExecBackend final : public Backend {
   // execs. Returns only on failure, with every fd's FD_CLOEXEC flag as it was,
   // still prepared: cancel_exec() and resume, or retry.
   [[nodiscard]] Result<void> exec(const ExecRequest& request);
+
+  // Incoming side (a backend made by from_manifest()): the retry after a failed
+  // restore. Hands every incoming session not yet finished, with all its
+  // original entries and inherited fds, unchanged, to a new exec of
+  // `request.path`, as if this process had never touched them: retrieves
+  // (successful or failed; failures are sticky only within this process)
+  // don't matter, and a KVM VM crosses as the original inherited VM fd, never
+  // the new VM retrieve() made. Writes a fresh manifest in the same format and
+  // sets `--luo-manifest-fd N` in `request.argv` to it (replacing the option
+  // where argv already has it, e.g. this process's own argv, appending it
+  // otherwise). Exactly the sessions' fds, the manifest and
+  // `request.extra_fds` cross; every other fd >= 3 is marked FD_CLOEXEC.
+  // Finished sessions are not passed on (the kernel drops them too).
+  // Returns only on failure, with every fd's FD_CLOEXEC flag as it was and the
+  // backend unchanged (sessions still retrievable and finishable):
+  //   EINVAL  a backend made by create() (it has no incoming sessions), or no argv[0]
+  //   ENOENT  nothing left to pass on: every incoming session is finished
+  //   EBADF   an extra fd is not open
+  //   EINVAL  an inherited fd is no longer the file that was handed over
+  //   and the execve's own errors (ENOENT: no such binary...).
+  [[nodiscard]] Result<void> pass_on(const ExecRequest& request);
 
   // After a handover inside this same process (tests, or a restart without
   // exec): forgets the preserved fds and the manifest without closing them:
