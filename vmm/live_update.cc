@@ -332,8 +332,15 @@ control::CommandResult LiveUpdate::run(const json& arguments, const control::Com
 
   spdlog::info("live update: exec {}", request->binary);
   machine_.flush_console();
+  // New connections wait in the listen backlog for the new process rather
+  // than being accepted here and cut off by the exec.
+  if (server_) server_->stop_accepting();
   auto exec = attempt.exec_backend->exec(luo::ExecRequest{request->binary, argv, std::nullopt, inherited});
   // Only a failed exec comes back here.
+  if (server_) {
+    if (auto resumed = server_->resume_accepting(); !resumed)
+      spdlog::error("control socket: {}", resumed.error().describe());
+  }
   return failed(exec ? Error{0, "exec returned"} : exec.error());
 }
 

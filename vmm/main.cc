@@ -59,7 +59,9 @@ struct RestoreOptions {
   std::string reply_id;          // its request id, as JSON
   std::string update_record;     // the update so far, as JSON
   std::string rollback_binary;   // the vmm that started the update
+  std::string previous_failure;  // set when this process retries a failed restore
   std::string inject;
+  std::vector<std::string> argv; // this process's own command line
 };
 
 void apply_console(const CommonOptions& common, MachineConfig& config) {
@@ -251,15 +253,40 @@ int restore_vm(const CommonOptions& common, const RestoreOptions& options) {
     fault = *parsed;
   }
 
+  std::unique_ptr<luo::Backend> backend;
+  const bool exec_mode = options.manifest_fd >= 0;
+
+  // A failed restore never writes guest memory and never finishes the
+  // session. After an exec, the session lives only in this process's fds, so
+  // it is handed on, unchanged, to the vmm that started the update (a
+  // rollback), which restores the VM and reports the failure. After a kexec
+  // the kernel keeps the session for another `vmm restore`.
   auto give_up = [&](const Error& error) {
     const std::string desc = "live update failed during restore: " + error.describe();
-    spdlog::error("{}; the LUO session '{}' is left unfinished so a retry can restore it", desc, options.session);
+    auto* exec_backend = dynamic_cast<luo::ExecBackend*>(backend.get());
+    if (exec_backend && !options.rollback_binary.empty() && options.previous_failure.empty()) {
+      spdlog::error("{}; rolling back to {}", desc, options.rollback_binary);
+      std::vector<std::string> argv{options.rollback_binary};
+      for (size_t i = 1; i < options.argv.size(); ++i) {
+        if (options.argv[i] == "--x-inject") {
+          ++i;  // an injected fault is for this attempt only
+          continue;
+        }
+        argv.push_back(options.argv[i]);
+      }
+      argv.insert(argv.end(), {"--previous-failure", desc});
+      std::vector<int> inherited;
+      for (int fd : {options.control_socket_fd, options.reply_fd})
+        if (fd >= 0) inherited.push_back(fd);
+      auto passed = exec_backend->pass_on(luo::ExecRequest{options.rollback_binary, argv, std::nullopt, inherited});
+      spdlog::error("the rollback failed too: {}", passed ? "exec returned" : passed.error().describe());
+    } else {
+      spdlog::error("{}; the LUO session '{}' is left unfinished so a retry can restore it", desc, options.session);
+    }
     reply_failure(options.reply_fd, options.reply_id, desc);
     return 1;
   };
 
-  std::unique_ptr<luo::Backend> backend;
-  const bool exec_mode = options.manifest_fd >= 0;
   if (exec_mode) {
     auto opened = luo::ExecBackend::from_manifest(options.manifest_fd);
     if (!opened) return give_up(opened.error());
@@ -305,14 +332,24 @@ int restore_vm(const CommonOptions& common, const RestoreOptions& options) {
   if (auto finished = (*session)->finish(); !finished)
     spdlog::warn("live update: FINISH failed: {}", finished.error().describe());
   record.add_phase("finish", steady_clock::now() - finish_started);
-  record.status = "completed";
-  record.error.reset();
-  record.generation += 1;
-  spdlog::info("live update ({}) completed: generation {}, blackout {} us", record.mode, record.generation,
-               record.blackout_us.value_or(-1));
+  json reply;
+  if (options.previous_failure.empty()) {
+    record.status = "completed";
+    record.error.reset();
+    record.generation += 1;
+    spdlog::info("live update ({}) completed: generation {}, blackout {} us", record.mode, record.generation,
+                 record.blackout_us.value_or(-1));
+    reply = {{"return", record.to_json()}};
+  } else {
+    // This process is the rollback: the VM is back, the update did not happen.
+    record.status = "failed";
+    record.error = options.previous_failure + "; rolled back: the previous vmm restored the VM, which is " +
+                   (was_running ? "running" : "paused") + " with its memory intact";
+    spdlog::warn("{}", *record.error);
+    reply = {{"error", {{"class", control::kGenericError}, {"desc", *record.error}}}};
+  }
   runtime.update->record_completed(record, heartbeat_at_save);
   if (options.reply_fd >= 0 && runtime.server) {
-    json reply = {{"return", record.to_json()}};
     if (!options.reply_id.empty()) reply["id"] = json::parse(options.reply_id, nullptr, false);
     runtime.server->adopt_client(UniqueFd(options.reply_fd), reply);
   }
@@ -352,6 +389,7 @@ int main(int argc, char** argv) {
   restore_command->add_option("--reply-id", restore.reply_id)->group("");
   restore_command->add_option("--update-record", restore.update_record)->group("");
   restore_command->add_option("--rollback-binary", restore.rollback_binary)->group("");
+  restore_command->add_option("--previous-failure", restore.previous_failure)->group("");
   restore_command->add_option("--x-inject", restore.inject)->group("");
 
   for (auto* command : {run_command, restore_command}) {
@@ -377,6 +415,9 @@ int main(int argc, char** argv) {
   spdlog::set_level(level);
 
   if (run_command->parsed()) return vmm::run_vm(common, run);
-  if (restore_command->parsed()) return vmm::restore_vm(common, restore);
+  if (restore_command->parsed()) {
+    restore.argv.assign(argv, argv + argc);
+    return vmm::restore_vm(common, restore);
+  }
   return 2;
 }

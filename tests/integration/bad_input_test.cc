@@ -145,3 +145,26 @@ TEST(BadControlInput, GuestKeepsRunningThroughBadInput) {
 
 }  // namespace
 }  // namespace vmm::testing
+
+namespace vmm::testing {
+namespace {
+
+// After a kexec, `vmm restore --session NAME` retrieves the VM from the
+// kernel. Without /dev/liveupdate (as here) it must say so and stop.
+TEST(RestoreCommand, WithoutLiveUpdateDeviceGivesOneClearError) {
+  if (std::filesystem::exists("/dev/liveupdate")) GTEST_SKIP() << "this host has /dev/liveupdate";
+  auto [status, err] = ASSERT_OK(VmmProcess::run_to_exit({"restore", "--session", "vm-1", "--console", "none"}));
+  EXPECT_TRUE(status.exited);
+  EXPECT_NE(status.code, 0);
+  EXPECT_NE(err.find("/dev/liveupdate"), std::string::npos) << err;
+  EXPECT_EQ(std::ranges::count(err, '\n'), 1) << err;
+}
+
+TEST(RestoreCommand, RequiresASessionName) {
+  auto [status, err] = ASSERT_OK(VmmProcess::run_to_exit({"restore"}));
+  EXPECT_NE(status.code, 0);
+  EXPECT_NE(err.find("--session"), std::string::npos) << err;
+}
+
+}  // namespace
+}  // namespace vmm::testing

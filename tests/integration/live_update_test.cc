@@ -260,3 +260,69 @@ TEST(LiveUpdate, BadArgumentsAreRefusedWithoutTouchingTheGuest) {
 
 }  // namespace
 }  // namespace vmm::testing
+
+namespace vmm::testing {
+namespace {
+
+struct RestoreFailure {
+  const char* fault;
+  const char* expected;  // names the cause in the error
+};
+void PrintTo(const RestoreFailure& f, std::ostream* out) { *out << f.fault; }
+
+class FailureDuringRestore : public ::testing::TestWithParam<RestoreFailure> {};
+
+// The new process fails to restore: it reports why, writes no guest memory,
+// leaves the session unfinished and hands it back to the previous vmm, which
+// restores the VM. The client gets the error; the guest just carries on.
+TEST_P(FailureDuringRestore, IsReportedAndTheRollbackRestoresTheVm) {
+  REQUIRE_KVM();
+  auto vm = ASSERT_OK(VmmProcess::launch({"--vcpus", "2"}));
+  ASSERT_OK(wait_stamped(vm));
+  const auto identities = region_identities(vm);
+  const uint64_t heartbeat = heartbeat_of(ASSERT_OK(vm.command("query-guest")));
+
+  auto reply = ASSERT_OK(vm.client().execute("live-update", {{"mode", "exec"}, {"x-inject", GetParam().fault}}));
+  ASSERT_FALSE(reply.has_value()) << "the update must fail";
+  const std::string& desc = reply.error().desc;
+  EXPECT_NE(desc.find("failed during restore"), std::string::npos) << desc;
+  EXPECT_NE(desc.find(GetParam().expected), std::string::npos) << desc;
+  EXPECT_NE(desc.find("rolled back"), std::string::npos) << desc;
+
+  EXPECT_EQ(ASSERT_OK(vm.command("query-status"))["status"], "running");
+  EXPECT_EQ(region_identities(vm), identities) << "the same memory, never copied";
+  auto record = ASSERT_OK(vm.command("query-live-update"));
+  EXPECT_EQ(record["status"], "failed");
+  EXPECT_EQ(record["generation"], 0);
+  expect_guest_carries_on(vm, heartbeat, 2);
+
+  // Nothing is left half done: the next update works.
+  auto retried = ASSERT_OK(exec_update(vm));
+  EXPECT_EQ(retried["generation"], 1);
+  expect_guest_carries_on(vm, heartbeat, 2);
+}
+
+INSTANTIATE_TEST_SUITE_P(Injected, FailureDuringRestore,
+                         ::testing::Values(RestoreFailure{"corrupt-state", "checksum"},
+                                           RestoreFailure{"wrong-token", "token"},
+                                           RestoreFailure{"wrong-vm-token", "VM with token"}),
+                         [](const auto& info) {
+                           std::string name = info.param.fault;
+                           std::ranges::replace(name, '-', '_');
+                           return name;
+                         });
+
+TEST(LiveUpdate, PausedVmStaysPausedThroughARollback) {
+  REQUIRE_KVM();
+  auto vm = ASSERT_OK(VmmProcess::launch({}));
+  ASSERT_OK(wait_stamped(vm));
+  ASSERT_OK(vm.command("stop"));
+  const auto hash_before = ASSERT_OK(vm.command("query-memory-hash"));
+  auto reply = ASSERT_OK(vm.client().execute("live-update", {{"mode", "exec"}, {"x-inject", "corrupt-state"}}));
+  ASSERT_FALSE(reply.has_value());
+  EXPECT_EQ(ASSERT_OK(vm.command("query-status"))["status"], "paused");
+  EXPECT_EQ(ASSERT_OK(vm.command("query-memory-hash")), hash_before);
+}
+
+}  // namespace
+}  // namespace vmm::testing

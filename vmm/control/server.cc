@@ -249,14 +249,14 @@ class ClientSession {
   }
 
   void run() {
-    spdlog::info("control: client {} connected (pid {})", id_, peer_pid_);
+    spdlog::debug("control: client {} connected (pid {})", id_, peer_pid_);
     if (first_line_) {
       enqueue(*first_line_);
     } else {
       enqueue(to_line(json{{"QMP", {{"version", server_.options_.version}, {"capabilities", json::array()}}}}));
     }
     std::string reason = serve();
-    spdlog::info("control: client {} disconnected: {}", id_, reason);
+    spdlog::debug("control: client {} disconnected: {}", id_, reason);
     {
       // Close now rather than when the session is reaped, so the client sees
       // EOF at once; later events find output_closed_ and skip it.
