@@ -19,13 +19,6 @@
 
 namespace vmm::memory {
 
-// How a region's backing file is attached to KVM.
-enum class SlotKind : uint32_t {
-  guest_memfd,  // KVM_MEM_GUEST_MEMFD slot on the region's own guest_memfd
-  userspace,    // ordinary slot on the VMM's mapping of the file (memfd, or a
-                // guest_memfd inherited across exec that KVM won't rebind)
-};
-[[nodiscard]] std::string_view to_string(SlotKind kind);
 
 class Region : public boost::intrusive::set_base_hook<boost::intrusive::optimize_size<true>> {
  public:

@@ -16,6 +16,14 @@ enum class Backing : uint32_t { guest_memfd = 0, memfd = 1 };
 [[nodiscard]] std::string_view to_string(Backing backing);
 [[nodiscard]] std::optional<Backing> backing_from_string(std::string_view name);
 
+// How a region's backing file is attached to KVM.
+enum class SlotKind : uint32_t {
+  guest_memfd,  // KVM_MEM_GUEST_MEMFD slot on the region's own guest_memfd
+  userspace,    // ordinary slot on the VMM's mapping of the file (memfd, or a
+                // guest_memfd inherited across exec that KVM won't rebind)
+};
+[[nodiscard]] std::string_view to_string(SlotKind kind);
+
 enum class RegionRole : uint32_t { ram = 0, shared = 1 };
 [[nodiscard]] std::string_view to_string(RegionRole role);
 

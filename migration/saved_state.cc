@@ -29,7 +29,7 @@ bool has_nul(std::string_view text) { return text.find('\0') != std::string_view
 
 }  // namespace
 
-std::string_view to_string(SlotKind kind) {
+std::string_view slot_kind_name(SlotKind kind) {
   switch (kind) {
     case SlotKind::guest_memfd: return "guest_memfd";
     case SlotKind::userspace: return "userspace";
@@ -37,7 +37,7 @@ std::string_view to_string(SlotKind kind) {
   return "unknown";
 }
 
-std::optional<SlotKind> slot_kind_from_string(std::string_view name) {
+std::optional<SlotKind> slot_kind_from_name(std::string_view name) {
   if (name == "guest_memfd") return SlotKind::guest_memfd;
   if (name == "userspace") return SlotKind::userspace;
   return std::nullopt;

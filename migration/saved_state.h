@@ -53,9 +53,9 @@ struct TestDeviceState {
 
 // How a region is given to KVM: a guest_memfd slot (KVM_MEM_GUEST_MEMFD) or a
 // plain userspace mapping.
-enum class SlotKind : uint32_t { guest_memfd = 0, userspace = 1 };
-[[nodiscard]] std::string_view to_string(SlotKind kind);
-[[nodiscard]] std::optional<SlotKind> slot_kind_from_string(std::string_view name);
+using memory::SlotKind;
+[[nodiscard]] std::string_view slot_kind_name(SlotKind kind);
+[[nodiscard]] std::optional<SlotKind> slot_kind_from_name(std::string_view name);
 
 // Names used in the blob for memory enums. Kept here rather than borrowed from
 // vmm_memory: the spelling is part of the state format and must not change

@@ -302,7 +302,7 @@ std::expected<size_t, int> build_payload(const SavedState& state, std::span<uint
     w.u32("slot", region.spec.slot);
     w.u64("luo-token", region.luo_token);
     w.u64("vm-token", region.vm_token);
-    w.string("slot-kind", std::string(to_string(region.slot_kind)));
+    w.string("slot-kind", std::string(slot_kind_name(region.slot_kind)));
     w.end_node();
   }
   w.end_node();
@@ -578,7 +578,7 @@ Result<RegionRef> parse_region(const Node& node) {
   VMM_TRY_ASSIGN(slot, node.u32("slot"));
   VMM_TRY_ASSIGN(luo_token, node.u64("luo-token"));
   VMM_TRY_ASSIGN(vm_token, node.u64("vm-token"));
-  VMM_TRY_ASSIGN(slot_kind, named_enum(node, "slot-kind", slot_kind_from_string));
+  VMM_TRY_ASSIGN(slot_kind, named_enum(node, "slot-kind", slot_kind_from_name));
   region.spec = {std::move(name), role, backing, gpa, size, slot};
   region.luo_token = luo_token;
   region.vm_token = vm_token;

@@ -3,7 +3,6 @@
 #include <sys/eventfd.h>
 #include <sys/stat.h>
 
-#include <fstream>
 #include <random>
 
 #include <fmt/format.h>
@@ -11,7 +10,6 @@
 
 #include "guest/embedded.h"
 #include "vmm/pvh.h"
-#include "vmm/size.h"
 
 namespace vmm {
 namespace {
@@ -23,17 +21,6 @@ using namespace std::chrono;
 constexpr uint64_t kKvmTssGpa = 0xfffb'd000;
 constexpr uint64_t kKvmIdentityMapGpa = 0xfffb'c000;
 constexpr uint16_t kExitPortBase = VMM_GUEST_EXIT_PORT;
-
-// MemAvailable from /proc/meminfo, in bytes (0 when unknown).
-uint64_t host_available_memory() {
-  std::ifstream meminfo("/proc/meminfo");
-  std::string key;
-  uint64_t value = 0;
-  std::string unit;
-  while (meminfo >> key >> value >> unit)
-    if (key == "MemAvailable:") return value * 1024;
-  return 0;
-}
 
 // PVH entry state: 32-bit protected mode, flat segments, paging off,
 // %ebx = hvm_start_info (the layout Xen's PVH ABI specifies).
@@ -96,11 +83,6 @@ Result<std::unique_ptr<Machine>> Machine::create(const MachineConfig& config) {
 
   // Everything that can be checked without touching KVM comes first.
   VMM_TRY_ASSIGN(layout, memory::MemoryLayout::plan(config.ram_size, config.shared_size, config.ram_backing));
-  if (const uint64_t available = host_available_memory();
-      available != 0 && config.ram_size + config.shared_size > available)
-    return fail(fmt::format("--memory {} (plus {} shared) is more than this host can give: {} available",
-                            format_size(config.ram_size), format_size(config.shared_size),
-                            format_size(available & ~uint64_t{0xfffff})));
 
   std::vector<uint8_t> kernel_file;
   std::span<const uint8_t> kernel;
@@ -132,8 +114,8 @@ Result<std::unique_ptr<Machine>> Machine::create(const MachineConfig& config) {
   VMM_TRY(machine->create_vcpus(entry));
   spdlog::debug("VM '{}' built in {} us: {} RAM in {}, {} shared memfd, {} vCPU(s), {}",
                config.name, duration_cast<microseconds>(steady_clock::now() - started).count(),
-               format_size(config.ram_size), memory::to_string(config.ram_backing),
-               format_size(config.shared_size), config.vcpus, origin);
+               memory::format_size(config.ram_size), memory::to_string(config.ram_backing),
+               memory::format_size(config.shared_size), config.vcpus, origin);
   return machine;
 }
 
@@ -248,8 +230,7 @@ Result<migration::SavedState> Machine::save_state() {
   for (const auto& region : memory_.regions()) {
     migration::RegionRef ref;
     ref.spec = region->spec();
-    ref.slot_kind = region->slot_kind() == memory::SlotKind::guest_memfd ? migration::SlotKind::guest_memfd
-                                                                          : migration::SlotKind::userspace;
+    ref.slot_kind = region->slot_kind();
     state.memory.push_back(std::move(ref));
   }
   const devices::SerialRegisters serial = serial_->registers();

@@ -202,8 +202,8 @@ int run_vm(const CommonOptions& common, const RunOptions& options) {
   }
   const MachineConfig& running = runtime.machine->config();
   spdlog::info("VM '{}' running: {} RAM in {}, {} shared, {} vCPU(s){}", running.name,
-               format_size(running.ram_size), memory::to_string(running.ram_backing),
-               format_size(running.shared_size), running.vcpus,
+               memory::format_size(running.ram_size), memory::to_string(running.ram_backing),
+               memory::format_size(running.shared_size), running.vcpus,
                common.control_socket.empty() ? "" : ", control socket " + common.control_socket);
   return runtime.wait(signals->ref());
 }

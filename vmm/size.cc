@@ -38,16 +38,4 @@ Result<uint64_t> parse_size(std::string_view text, std::string_view what) {
   return number << shift;
 }
 
-std::string format_size(uint64_t bytes) {
-  static constexpr const char* kUnits[] = {"KiB", "MiB", "GiB", "TiB"};
-  if (bytes == 0 || bytes % 1024 != 0) return std::to_string(bytes) + " bytes";
-  uint64_t value = bytes / 1024;
-  size_t unit = 0;
-  while (unit + 1 < std::size(kUnits) && value % 1024 == 0) {
-    value /= 1024;
-    ++unit;
-  }
-  return std::to_string(value) + " " + kUnits[unit];
-}
-
 }  // namespace vmm

@@ -13,7 +13,4 @@ namespace vmm {
 // followed by "iB" or "B"; case-insensitive). "what" names the option in errors.
 [[nodiscard]] Result<uint64_t> parse_size(std::string_view text, std::string_view what);
 
-// "256 MiB", "2 GiB", "4097 bytes".
-[[nodiscard]] std::string format_size(uint64_t bytes);
-
 }  // namespace vmm

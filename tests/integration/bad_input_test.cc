@@ -61,7 +61,7 @@ INSTANTIATE_TEST_SUITE_P(
         BadRun{"UnalignedMemory", {"--memory", "1000"}, "page"},
         BadRun{"MemoryNotASize", {"--memory", "lots"}, "not a size"},
         BadRun{"MemoryBadSuffix", {"--memory", "12Q"}, "suffix"},
-        BadRun{"MemoryLargerThanHost", {"--memory", "8T"}, "more than this host can give"},
+        BadRun{"MemoryLargerThanHost", {"--memory", "8T"}, "the host cannot provide it"},
         BadRun{"MemoryLargerThanAddressSpace", {"--memory", "64T"}, "address space"},
         BadRun{"ZeroVcpus", {"--vcpus", "0"}, "--vcpus"},
         BadRun{"TooManyVcpus", {"--vcpus", "999"}, "--vcpus"},

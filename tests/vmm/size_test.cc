@@ -24,12 +24,5 @@ TEST(ParseSize, RejectsWithTheOptionNamed) {
   EXPECT_FALSE(parse_size("17179869184G", "--memory").has_value()) << "overflows 64 bits";
 }
 
-TEST(FormatSize, UsesTheLargestExactUnit) {
-  EXPECT_EQ(format_size(256ull << 20), "256 MiB");
-  EXPECT_EQ(format_size(2ull << 30), "2 GiB");
-  EXPECT_EQ(format_size(1536ull << 20), "1536 MiB");
-  EXPECT_EQ(format_size(4097), "4097 bytes");
-}
-
 }  // namespace
 }  // namespace vmm
