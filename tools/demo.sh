@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job: set up, build, launch the default VM (the embedded test guest
 # in 256 MiB of guest_memfd RAM plus a 16 MiB shared memfd), show it running
-# through its control socket, and shut it down cleanly.
+# through its control socket, live-update it (exec of a new vmm binary,
+# guest memory kept in place), verify the guest, and shut it down cleanly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tools/setup.sh
@@ -54,6 +55,22 @@ vmmctl verify
 
 step "vCPUs"
 vmmctl vcpus
+
+step "live update: exec a new vmm around the same guest memory"
+inodes_before=$(vmmctl --json memory | grep -o '"inode":[0-9]*' | tr '\n' ' ')
+pid_before=$vmm_pid
+vmmctl live-update --mode exec
+sleep 0.5
+step "the update, as the new vmm reports it (blackout and the gap the guest saw)"
+vmmctl update-status
+inodes_after=$(vmmctl --json memory | grep -o '"inode":[0-9]*' | tr '\n' ' ')
+echo "memory inodes before: $inodes_before"
+echo "memory inodes after:  $inodes_after"
+[[ "$inodes_before" == "$inodes_after" ]] || { echo "guest memory moved"; exit 1; }
+echo "RssAnon of vmm (pid $pid_before) after the update: $(grep RssAnon /proc/$pid_before/status | awk '{print $2, $3}')"
+
+step "verify every page of guest RAM after the update"
+vmmctl verify
 
 step "quit"
 vmmctl quit >/dev/null
