@@ -473,9 +473,9 @@ class ExecSession final : public Session {
 
 }  // namespace
 
-VmFactory kvm_vm_factory() {
-  return []() -> Result<UniqueFd> {
-    VMM_TRY_ASSIGN(system, kvm::System::open());
+VmFactory kvm_vm_factory(const std::string& kvm_device) {
+  return [kvm_device]() -> Result<UniqueFd> {
+    VMM_TRY_ASSIGN(system, kvm::System::open(kvm_device));
     VMM_TRY_ASSIGN(vm, system.create_vm());
     return std::move(vm).take_fd();
   };

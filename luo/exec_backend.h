@@ -59,7 +59,7 @@ inline constexpr const char* kManifestFdOption = "--luo-manifest-fd";
 // Creates the brand-new empty VM a retrieved KVM VM token turns into.
 using VmFactory = std::function<Result<UniqueFd>()>;
 // kvm::System::open() + create_vm().
-[[nodiscard]] VmFactory kvm_vm_factory();
+[[nodiscard]] VmFactory kvm_vm_factory(const std::string& kvm_device = "/dev/kvm");
 
 // execve(2), injectable so tests can look at the fd table at the moment of
 // the exec without replacing the test process.

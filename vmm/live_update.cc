@@ -64,8 +64,13 @@ int64_t realtime_ns() { return clock_ns(CLOCK_REALTIME); }
 
 std::string own_binary() {
   std::error_code error;
-  auto path = std::filesystem::read_symlink("/proc/self/exe", error);
-  return error ? std::string() : path.string();
+  std::string path = std::filesystem::read_symlink("/proc/self/exe", error).string();
+  if (error) return {};
+  // After a package upgrade replaced the file, the link reads "PATH (deleted)":
+  // PATH then holds the new binary, which is what an update should run.
+  constexpr std::string_view kDeleted = " (deleted)";
+  if (path.ends_with(kDeleted)) path.resize(path.size() - kDeleted.size());
+  return path;
 }
 
 json UpdateRecord::to_json() const {
@@ -230,6 +235,24 @@ control::CommandResult LiveUpdate::run(const json& arguments, const control::Com
     if (!backend) return failed(backend.error());
     attempt.backend = std::move(*backend);
   }
+  // kexec: the new kernel is loaded now, while the guest still runs, so the
+  // load stays out of the blackout. Like `kexec --reuse-cmdline`, the
+  // running kernel's command line is the default.
+  luo::Kexec kexec;
+  if (request->mode == "kexec") {
+    std::string cmdline = request->cmdline;
+    if (cmdline.empty()) {
+      auto current = luo::Kexec::current_cmdline();
+      if (!current) return failed(current.error());
+      cmdline = *current;
+    }
+    if (auto loaded = kexec.load(luo::KexecImage{request->kernel,
+                                                  request->initrd.empty() ? std::nullopt
+                                                                          : std::optional(request->initrd),
+                                                  cmdline});
+        !loaded)
+      return failed(loaded.error());
+  }
   auto session = attempt.backend->create_session(machine_.config().name);
   if (!session) return failed(session.error());
   attempt.session = std::move(*session);
@@ -291,13 +314,6 @@ control::CommandResult LiveUpdate::run(const json& arguments, const control::Com
   // --- handover -----------------------------------------------------------
   phase = "handover";
   if (request->mode == "kexec") {
-    luo::Kexec kexec;
-    if (auto loaded = kexec.load(luo::KexecImage{request->kernel,
-                                                  request->initrd.empty() ? std::nullopt
-                                                                          : std::optional(request->initrd),
-                                                  request->cmdline});
-        !loaded)
-      return failed(loaded.error());
     // Session fds stay open until the reboot: closing them would unpreserve.
     auto rebooted = kexec.reboot();
     return failed(rebooted ? Error{0, "reboot returned"} : rebooted.error());
@@ -310,6 +326,10 @@ control::CommandResult LiveUpdate::run(const json& arguments, const control::Com
   std::vector<std::string> argv{request->binary, "restore", "--session", machine_.config().name};
   for (auto& arg : handover->manifest_args()) argv.push_back(arg);
   std::vector<int> inherited;
+  // The rollback target is this very binary, by descriptor: after a package
+  // upgrade its path names the new file, but the descriptor still runs the old.
+  UniqueFd own_exe(::open("/proc/self/exe", O_RDONLY | O_CLOEXEC));
+  if (own_exe) inherited.push_back(own_exe.get());
   if (server_) {
     argv.insert(argv.end(), {"--control-socket", relaunch_.control_socket_path, "--control-socket-fd",
                              std::to_string(server_->listening_fd().get())});
@@ -324,8 +344,9 @@ control::CommandResult LiveUpdate::run(const json& arguments, const control::Com
   carried["blackout_started_ns"] = record.blackout_started_ns;
   carried["handover_started_ns"] = record.handover_started_ns;
   argv.insert(argv.end(), {"--update-record", carried.dump(), "--console", relaunch_.console, "--log-level",
-                           relaunch_.log_level, "--kvm-device", relaunch_.kvm_device, "--rollback-binary",
-                           own_binary()});
+                           relaunch_.log_level, "--kvm-device", relaunch_.kvm_device});
+  if (own_exe)
+    argv.insert(argv.end(), {"--rollback-binary", "/proc/self/fd/" + std::to_string(own_exe.get())});
   if (request->fault == Fault::corrupt_state || request->fault == Fault::wrong_token ||
       request->fault == Fault::wrong_vm_token)
     argv.insert(argv.end(), {"--x-inject", std::string(to_string(request->fault))});

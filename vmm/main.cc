@@ -12,6 +12,8 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include <CLI/CLI.hpp>
@@ -226,8 +228,12 @@ int restore_vm(const CommonOptions& common, const RestoreOptions& options) {
     spdlog::error("{}", signals.error().describe());
     return 1;
   }
+  // The previous binary, by descriptor ("/proc/self/fd/N"), for a rollback.
+  int rollback_fd = -1;
+  if (options.rollback_binary.starts_with("/proc/self/fd/"))
+    rollback_fd = std::atoi(options.rollback_binary.c_str() + std::strlen("/proc/self/fd/"));
   // The inherited descriptors must not leak into anything we start later.
-  for (int fd : {options.control_socket_fd, options.reply_fd})
+  for (int fd : {options.control_socket_fd, options.reply_fd, rollback_fd})
     if (fd >= 0) ::fcntl(fd, F_SETFD, FD_CLOEXEC);
 
   UpdateRecord record;
@@ -255,6 +261,7 @@ int restore_vm(const CommonOptions& common, const RestoreOptions& options) {
 
   std::unique_ptr<luo::Backend> backend;
   const bool exec_mode = options.manifest_fd >= 0;
+  bool session_retrieved = false;
 
   // A failed restore never writes guest memory and never finishes the
   // session. After an exec, the session lives only in this process's fds, so
@@ -276,19 +283,32 @@ int restore_vm(const CommonOptions& common, const RestoreOptions& options) {
       }
       argv.insert(argv.end(), {"--previous-failure", desc});
       std::vector<int> inherited;
-      for (int fd : {options.control_socket_fd, options.reply_fd})
+      for (int fd : {options.control_socket_fd, options.reply_fd, rollback_fd})
         if (fd >= 0) inherited.push_back(fd);
       auto passed = exec_backend->pass_on(luo::ExecRequest{options.rollback_binary, argv, std::nullopt, inherited});
       spdlog::error("the rollback failed too: {}", passed ? "exec returned" : passed.error().describe());
     } else {
-      spdlog::error("{}; the LUO session '{}' is left unfinished so a retry can restore it", desc, options.session);
+      spdlog::error("{}", desc);
     }
     reply_failure(options.reply_fd, options.reply_id, desc);
+    if (!session_retrieved) return 1;  // nothing retrieved: nothing to keep
+    // Closing a retrieved session finishes it and drops the guest's memory,
+    // and so would exiting. Hold it instead, until an operator decides.
+    spdlog::error("holding the unfinished LUO session '{}' open in this process (pid {}) so the guest's "
+                  "memory is kept; stop this process (SIGTERM) to discard the VM",
+                  options.session, ::getpid());
+    sigset_t stop;
+    sigemptyset(&stop);
+    sigaddset(&stop, SIGINT);
+    sigaddset(&stop, SIGTERM);
+    int signo = 0;
+    sigwait(&stop, &signo);
     return 1;
   };
 
   if (exec_mode) {
-    auto opened = luo::ExecBackend::from_manifest(options.manifest_fd);
+    auto opened = luo::ExecBackend::from_manifest(
+        options.manifest_fd, luo::ExecOptions{luo::kvm_vm_factory(common.kvm_device), luo::real_exec_syscalls()});
     if (!opened) return give_up(opened.error());
     backend = std::move(*opened);
   } else {
@@ -298,6 +318,7 @@ int restore_vm(const CommonOptions& common, const RestoreOptions& options) {
   }
   auto session = backend->retrieve_session(options.session);
   if (!session) return give_up(session.error());
+  session_retrieved = true;
   auto retrieved = retrieve_vm(**session, fault);
   if (!retrieved) return give_up(retrieved.error());
 
