@@ -107,6 +107,9 @@ Result<VmmProcess> VmmProcess::launch(std::vector<std::string> args, std::chrono
     if (::stat(process.socket_.c_str(), &st) == 0) {
       auto client = process.connect();
       if (client) {
+        // Long enough for the slowest command a test sends: guest-verify of a
+        // large guest still stamping its RAM (the guest answers once done).
+        client->set_timeout(std::chrono::seconds(200));
         process.client_ = std::move(*client);
         return process;
       }
