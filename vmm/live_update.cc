@@ -51,9 +51,14 @@ struct Attempt {
   UniqueFd state_fd;
   memory::Mapping state_mapping;
 
-  ~Attempt() {
+  ~Attempt() { cancel(); }
+
+  // Unfreezes and drops the session: everything it preserved is released.
+  void cancel() {
     if (exec_backend && exec_backend->prepared()) exec_backend->cancel_exec();
     session.reset();  // an outgoing session dropped before the handover is cancelled
+    state_mapping = memory::Mapping();
+    state_fd.reset();
   }
 };
 
@@ -198,8 +203,7 @@ control::CommandResult LiveUpdate::run(const json& arguments, const control::Com
   // written by anything above, so it is intact.
   auto failed = [&](const Error& error) -> control::CommandResult {
     const std::string desc = fmt::format("live update ({}) failed during {}: {}", request->mode, phase, error.describe());
-    attempt.~Attempt();
-    new (&attempt) Attempt();
+    attempt.cancel();
     if (paused_by_us) {
       if (auto resumed = machine_.resume(); !resumed)
         spdlog::error("cannot resume the guest after a failed update: {}", resumed.error().describe());
