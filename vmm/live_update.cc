@@ -375,10 +375,17 @@ void LiveUpdate::finish_record(UpdateRecord record) {
   record_ = std::move(record);
 }
 
-void LiveUpdate::record_completed(UpdateRecord record, uint64_t heartbeat_at_save) {
-  finish_record(std::move(record));
-  machine_.emit_event("LIVE_UPDATE", query());
+void LiveUpdate::watch_guest_gap(uint64_t heartbeat_at_save) {
   gap_thread_ = std::thread([this, heartbeat_at_save] { measure_guest_gap(heartbeat_at_save); });
+}
+
+void LiveUpdate::record_completed(UpdateRecord record) {
+  {
+    std::lock_guard lock(record_mutex_);
+    record.guest_gap_us = record_.guest_gap_us;  // the gap may already be measured: keep it
+    record_ = std::move(record);
+  }
+  machine_.emit_event("LIVE_UPDATE", query());
 }
 
 // The guest stamps each heartbeat with its TSC: the largest step between the
@@ -392,8 +399,13 @@ void LiveUpdate::measure_guest_gap(uint64_t heartbeat_at_save) {
     if (machine_.run_state() != RunState::running) return;  // a paused VM has no gap to show yet
     if (guest.status().heartbeat >= heartbeat_at_save + 5) {
       const auto gap = guest.largest_gap_since(heartbeat_at_save > 0 ? heartbeat_at_save - 1 : 0);
+      if (!gap) {
+        spdlog::warn("live update: the guest's heartbeat ring moved past the freeze before it was read; "
+                     "guest_gap_us is not reported");
+        return;
+      }
       std::lock_guard lock(record_mutex_);
-      record_.guest_gap_us = static_cast<int64_t>(gap.gap_tsc * 1000 / guest.tsc_khz());
+      record_.guest_gap_us = static_cast<int64_t>(gap->gap_tsc * 1000 / guest.tsc_khz());
       return;
     }
     std::this_thread::sleep_for(milliseconds(2));

@@ -107,9 +107,11 @@ class LiveUpdate {
   // with the guest running again (if it was) and its memory untouched.
   control::CommandResult run(const nlohmann::json& arguments, const control::CommandContext& context);
 
-  // In a restored process: the update that brought it here, completed, and
-  // the guest's own view of the gap measured once it has beaten again.
-  void record_completed(UpdateRecord record, uint64_t heartbeat_at_save);
+  // In a restored process, right after the resume: measures the guest's own
+  // view of the gap once it has beaten again (its heartbeat ring is short).
+  void watch_guest_gap(uint64_t heartbeat_at_save);
+  // In a restored process: the update that brought it here, completed.
+  void record_completed(UpdateRecord record);
 
  private:
   struct Request {

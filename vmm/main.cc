@@ -346,6 +346,7 @@ int restore_vm(const CommonOptions& common, const RestoreOptions& options) {
   if (auto started = runtime.machine->start(was_running); !started) return give_up(started.error());
   // The blackout ends here: the vCPUs run again (or, paused before, are ready to).
   const int64_t resumed_ns = monotonic_ns();
+  runtime.update->watch_guest_gap(heartbeat_at_save);
   if (record.blackout_started_ns > 0) record.blackout_us = (resumed_ns - record.blackout_started_ns) / 1000;
   record.add_phase("restore", steady_clock::now() - restore_started);
 
@@ -369,7 +370,7 @@ int restore_vm(const CommonOptions& common, const RestoreOptions& options) {
     spdlog::warn("{}", *record.error);
     reply = {{"error", {{"class", control::kGenericError}, {"desc", *record.error}}}};
   }
-  runtime.update->record_completed(record, heartbeat_at_save);
+  runtime.update->record_completed(record);
   if (options.reply_fd >= 0 && runtime.server) {
     if (!options.reply_id.empty()) reply["id"] = json::parse(options.reply_id, nullptr, false);
     runtime.server->adopt_client(UniqueFd(options.reply_fd), reply);

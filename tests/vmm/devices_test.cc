@@ -156,9 +156,11 @@ TEST(TestGuestLink, LargestHeartbeatGapComesFromTheRing) {
   for (uint64_t h = 1; h <= 300; ++h) s->heartbeat_ring_tsc[h % VMM_GUEST_HEARTBEAT_RING] = h * 1000 + (h >= 250 ? 50'000 : 0);
   s->heartbeat = 300;
   auto gap = link.largest_gap_since(200);
-  EXPECT_EQ(gap.gap_tsc, 51'000u);
-  EXPECT_EQ(gap.after_heartbeat, 250u);
-  EXPECT_EQ(link.largest_gap_since(260).gap_tsc, 1000u);
+  ASSERT_TRUE(gap.has_value());
+  EXPECT_EQ(gap->gap_tsc, 51'000u);
+  EXPECT_EQ(gap->after_heartbeat, 250u);
+  EXPECT_EQ(link.largest_gap_since(260)->gap_tsc, 1000u);
+  EXPECT_FALSE(link.largest_gap_since(10).has_value()) << "heartbeat 10 was overwritten in the ring";
 }
 
 }  // namespace

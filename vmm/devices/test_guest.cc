@@ -94,7 +94,7 @@ void TestGuestLink::set_last_verify(std::optional<VerifyResult> result) {
   last_verify_ = std::move(result);
 }
 
-HeartbeatGap TestGuestLink::largest_gap_since(uint64_t since_heartbeat) const {
+std::optional<HeartbeatGap> TestGuestLink::largest_gap_since(uint64_t since_heartbeat) const {
   const uint64_t latest = shared_->heartbeat;
   compiler_barrier();
   HeartbeatGap gap;
@@ -102,8 +102,8 @@ HeartbeatGap TestGuestLink::largest_gap_since(uint64_t since_heartbeat) const {
   // at ring[h % RING]; the ring keeps the last RING of them, and the newest
   // slot may be mid-rewrite, so the oldest trusted one is latest - RING + 2.
   const uint64_t oldest_kept = latest > VMM_GUEST_HEARTBEAT_RING ? latest - VMM_GUEST_HEARTBEAT_RING + 2 : 1;
-  const uint64_t first = std::max(since_heartbeat, oldest_kept);
-  for (uint64_t h = first + 1; h <= latest; ++h) {
+  if (since_heartbeat < oldest_kept) return std::nullopt;
+  for (uint64_t h = since_heartbeat + 1; h <= latest; ++h) {
     const uint64_t a = shared_->heartbeat_ring_tsc[(h - 1) % VMM_GUEST_HEARTBEAT_RING];
     const uint64_t b = shared_->heartbeat_ring_tsc[h % VMM_GUEST_HEARTBEAT_RING];
     if (b > a && b - a > gap.gap_tsc) {

@@ -69,7 +69,9 @@ class TestGuestLink {
   [[nodiscard]] std::optional<VerifyResult> last_verify() const;
   void set_last_verify(std::optional<VerifyResult> result);
 
-  [[nodiscard]] HeartbeatGap largest_gap_since(uint64_t since_heartbeat) const;
+  // Nothing when the ring no longer holds heartbeat `since` (it was
+  // overwritten): a gap measured without it would be wrong.
+  [[nodiscard]] std::optional<HeartbeatGap> largest_gap_since(uint64_t since_heartbeat) const;
 
  private:
   uint64_t shared_size_;
