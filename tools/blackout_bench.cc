@@ -1169,6 +1169,38 @@ Result<std::vector<Configuration>> build_matrix(const BenchOptions& options) {
 
 }  // namespace
 
+// Measures every configuration of the matrix in turn (stopping early on
+// Ctrl-C), then writes the JSON file and prints the JSON or the table.
+// Returns whether any configuration failed.
+template <class ResultType, class Configs, class Measure, class ToJson, class Print>
+bool run_matrix(const Configs& matrix, const BenchOptions& options, HostInfo& host, Measure measure_one,
+                ToJson to_json, Print print, std::string_view where) {
+  bool any_failed = false;
+  std::vector<ResultType> results;
+  for (const auto& config : matrix) {
+    if (g_interrupted) break;
+    ResultType result{.config = config};
+    spdlog::info("{} {}: launching", config.label(), where);
+    if (auto measured = measure_one(result); !measured) {
+      result.error = measured.error().describe();
+      any_failed = true;
+      spdlog::error("{} {}: {}", config.label(), where, *result.error);
+    }
+    results.push_back(std::move(result));
+  }
+  host.load_at_end = load_average();
+  const json document = to_json(results);
+  if (auto written = write_json_file(options.json_file, document); !written) {
+    spdlog::error("{}", written.error().describe());
+    any_failed = true;
+  }
+  if (options.json_output)
+    fmt::print("{}\n", document.dump(2));
+  else
+    print(results);
+  return any_failed;
+}
+
 int main(int argc, char** argv) {
   CLI::App app{"vmm-blackout-bench: measure the blackout of exec live updates across RAM sizes, vCPU counts and "
                "RAM backings (or, with --peer qemu, QEMU 7.2's closest equivalent). Results on stdout, progress "
@@ -1272,51 +1304,15 @@ int main(int argc, char** argv) {
   HostInfo host = host_info();
   bool any_failed = false;
   if (measure_qemu_peer) {
-    std::vector<QemuConfigurationResult> results;
-    for (const auto& config : *matrix) {
-      if (g_interrupted) break;
-      QemuConfigurationResult result{.config = config};
-      spdlog::info("{} under QEMU: launching", config.label());
-      if (auto measured = measure_qemu(options, qemu, result); !measured) {
-        result.error = measured.error().describe();
-        any_failed = true;
-        spdlog::error("{} under QEMU: {}", config.label(), *result.error);
-      }
-      results.push_back(std::move(result));
-    }
-    host.load_at_end = load_average();
-    const json document = qemu_results_json(host, qemu, results);
-    if (auto written = write_json_file(options.json_file, document); !written) {
-      spdlog::error("{}", written.error().describe());
-      any_failed = true;
-    }
-    if (options.json_output)
-      fmt::print("{}\n", document.dump(2));
-    else
-      print_qemu_table(host, qemu, results);
+    any_failed = run_matrix<QemuConfigurationResult>(
+        *matrix, options, host, [&](QemuConfigurationResult& result) { return measure_qemu(options, qemu, result); },
+        [&](const auto& results) { return qemu_results_json(host, qemu, results); },
+        [&](const auto& results) { print_qemu_table(host, qemu, results); }, "under QEMU");
   } else {
-    std::vector<ConfigurationResult> results;
-    for (const auto& config : *matrix) {
-      if (g_interrupted) break;
-      ConfigurationResult result{.config = config};
-      spdlog::info("{}: launching the vmm ({} updates)", config.label(), config.updates);
-      if (auto measured = measure(options, result); !measured) {
-        result.error = measured.error().describe();
-        any_failed = true;
-        spdlog::error("{}: {}", config.label(), *result.error);
-      }
-      results.push_back(std::move(result));
-    }
-    host.load_at_end = load_average();
-    const json document = results_json(host, options, results);
-    if (auto written = write_json_file(options.json_file, document); !written) {
-      spdlog::error("{}", written.error().describe());
-      any_failed = true;
-    }
-    if (options.json_output)
-      fmt::print("{}\n", document.dump(2));
-    else
-      print_table(host, options, results);
+    any_failed = run_matrix<ConfigurationResult>(
+        *matrix, options, host, [&](ConfigurationResult& result) { return measure(options, result); },
+        [&](const auto& results) { return results_json(host, options, results); },
+        [&](const auto& results) { print_table(host, options, results); }, "on the vmm");
   }
   if (g_interrupted) return 130;
   return any_failed ? 1 : 0;
