@@ -9,6 +9,7 @@ packages=(
   libgtest-dev libgmock-dev
   socat              # talks to the control socket in the demo and docs
   qemu-system-x86    # the peer the benchmarks measure against
+  gnuplot-nox        # draws the benchmark's plots (tools/bench.sh)
 )
 
 missing=()
