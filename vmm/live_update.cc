@@ -17,6 +17,7 @@
 #include "memory/mapping.h"
 #include "migration/state_blob.h"
 #include "vmm/control/server.h"
+#include "vmm/transfer.h"
 
 namespace vmm {
 namespace {
@@ -42,23 +43,35 @@ uint64_t state_memfd_size(size_t vcpus) {
   return 256 * 1024 + uint64_t{vcpus} * 64 * 1024;
 }
 
-// One attempt at an update in the old process. Destroying it before the
-// handover cancels everything it preserved.
-struct Attempt {
+// The state memfd: sized before the pause, written during it.
+struct StateMemfd {
+  UniqueFd fd;
+  memory::Mapping mapping;
+
+  Result<void> create(uint64_t size) {
+    fd.reset(::memfd_create("vmm-state", MFD_CLOEXEC | MFD_ALLOW_SEALING));
+    if (!fd) return fail_errno("cannot create the state memfd");
+    if (::ftruncate(fd.get(), static_cast<off_t>(size)) != 0) return fail_errno("cannot size the state memfd");
+    VMM_TRY_ASSIGN(mapped, memory::Mapping::map_shared(fd.ref(), size));
+    mapping = std::move(mapped);
+    return {};
+  }
+};
+
+// What an exec or kexec attempt holds; cancel() before the handover releases
+// everything it preserved.
+struct LuoAttempt {
   std::unique_ptr<luo::Backend> backend;
   luo::ExecBackend* exec_backend = nullptr;  // backend, when mode is exec
   std::unique_ptr<luo::Session> session;
-  UniqueFd state_fd;
-  memory::Mapping state_mapping;
+  StateMemfd state;
 
-  ~Attempt() { cancel(); }
+  ~LuoAttempt() { cancel(); }
 
-  // Unfreezes and drops the session: everything it preserved is released.
   void cancel() {
     if (exec_backend && exec_backend->prepared()) exec_backend->cancel_exec();
     session.reset();  // an outgoing session dropped before the handover is cancelled
-    state_mapping = memory::Mapping();
-    state_fd.reset();
+    state = StateMemfd();
   }
 };
 
@@ -113,10 +126,10 @@ void UpdateRecord::add_phase(std::string name, nanoseconds duration) {
 
 Result<Fault> fault_from_string(std::string_view name) {
   for (Fault fault : {Fault::none, Fault::preserve_refused, Fault::state_too_large, Fault::corrupt_state,
-                      Fault::wrong_token, Fault::wrong_vm_token})
+                      Fault::wrong_token, Fault::wrong_vm_token, Fault::target_refuses, Fault::target_crash})
     if (to_string(fault) == name) return fault;
   return fail(fmt::format("unknown fault '{}': use preserve-refused, state-too-large, corrupt-state, "
-                          "wrong-token or wrong-vm-token", name));
+                          "wrong-token, wrong-vm-token, target-refuses or target-crash", name));
 }
 
 std::string_view to_string(Fault fault) {
@@ -127,6 +140,8 @@ std::string_view to_string(Fault fault) {
     case Fault::corrupt_state: return "corrupt-state";
     case Fault::wrong_token: return "wrong-token";
     case Fault::wrong_vm_token: return "wrong-vm-token";
+    case Fault::target_refuses: return "target-refuses";
+    case Fault::target_crash: return "target-crash";
   }
   return "none";
 }
@@ -152,26 +167,103 @@ Result<LiveUpdate::Request> LiveUpdate::parse(const json& arguments) const {
       return fail(fmt::format("Parameter '{}' is unexpected for command live-update", key));
     if (!value.is_string()) return fail(fmt::format("Parameter '{}' expects a string", key));
   }
-  if (!arguments.contains("mode")) return fail("Parameter 'mode' is missing: use \"exec\" or \"kexec\"");
+  constexpr std::string_view kModes = "use \"transfer\", \"exec\" or \"kexec\"";
+  if (!arguments.contains("mode")) return fail(fmt::format("Parameter 'mode' is missing: {}", kModes));
   request.mode = arguments["mode"].get<std::string>();
-  if (request.mode != "exec" && request.mode != "kexec")
-    return fail(fmt::format("Parameter 'mode' is '{}': use \"exec\" or \"kexec\"", request.mode));
-  const bool exec = request.mode == "exec";
+  if (request.mode != "exec" && request.mode != "kexec" && request.mode != "transfer")
+    return fail(fmt::format("Parameter 'mode' is '{}': {}", request.mode, kModes));
+  const bool kexec = request.mode == "kexec";
   for (const char* key : {"kernel", "initrd", "cmdline"})
-    if (exec && arguments.contains(key))
+    if (!kexec && arguments.contains(key))
       return fail(fmt::format("Parameter '{}' applies to mode \"kexec\" only", key));
-  if (!exec && arguments.contains("binary")) return fail("Parameter 'binary' applies to mode \"exec\" only");
+  if (kexec && arguments.contains("binary"))
+    return fail("Parameter 'binary' applies to modes \"exec\" and \"transfer\" only");
   request.binary = arguments.value("binary", own_binary());
   request.kernel = arguments.value("kernel", "");
   request.initrd = arguments.value("initrd", "");
   request.cmdline = arguments.value("cmdline", "");
-  if (!exec && request.kernel.empty()) return fail("Parameter 'kernel' is missing: kexec needs the new kernel's image");
+  if (kexec && request.kernel.empty()) return fail("Parameter 'kernel' is missing: kexec needs the new kernel's image");
   if (arguments.contains("x-inject")) {
     VMM_TRY_ASSIGN(fault, fault_from_string(arguments["x-inject"].get<std::string>()));
     request.fault = fault;
+    const bool for_transfer = fault == Fault::state_too_large || fault == Fault::corrupt_state ||
+                              fault == Fault::target_crash || fault == Fault::target_refuses;
+    const bool for_luo = fault != Fault::target_crash && fault != Fault::target_refuses;
+    if ((request.mode == "transfer" && !for_transfer) || (request.mode != "transfer" && !for_luo))
+      return fail(fmt::format("fault '{}' does not apply to mode \"{}\"", to_string(fault), request.mode));
   }
   return request;
 }
+
+// The bookkeeping of one attempt in the old process: its record, the
+// phase it is in, and the one way every failure ends.
+struct LiveUpdate::Attempt {
+  LiveUpdate& update;
+  Request request;
+  UpdateRecord record;
+  std::string phase = "prepare";
+  bool was_running = false;
+  bool paused_by_us = false;
+  steady_clock::time_point phase_started = steady_clock::now();
+  std::function<void()> cancel;  // releases what the mode set up
+
+  // Cancel, resume, report. Guest memory is never written by an update in
+  // the old process, so it is intact.
+  control::CommandResult failed(const Error& error) {
+    const std::string desc =
+        fmt::format("live update ({}) failed during {}: {}", request.mode, phase, error.describe());
+    if (cancel) cancel();
+    if (paused_by_us) {
+      if (auto resumed = update.machine_.resume(); !resumed)
+        spdlog::error("cannot resume the guest after a failed update: {}", resumed.error().describe());
+    }
+    spdlog::error("{}; the update was cancelled{}", desc, was_running ? " and the guest resumed" : "");
+    record.status = "failed";
+    record.error = desc;
+    update.machine_.emit_event("LIVE_UPDATE", {{"status", "failed"}, {"phase", phase}, {"error", desc}});
+    update.finish_record(record);
+    return command_error(desc + (was_running ? "; the guest is running again" : "; the guest stays paused") +
+                         " and its memory is intact");
+  }
+
+  void phase_done() {
+    record.add_phase(phase, steady_clock::now() - phase_started);
+    update.machine_.emit_event("LIVE_UPDATE", {{"status", "in-progress"}, {"phase", phase},
+                                               {"duration_us", record.phases.back().duration_us}});
+  }
+  void next_phase(std::string name) {
+    phase = std::move(name);
+    phase_started = steady_clock::now();
+  }
+
+  // The blackout starts: pause (if running) and encode the whole state
+  // into `out`, region i under token kFirstRegionToken + i.
+  Result<size_t> freeze_into(std::span<uint8_t> out) {
+    record.blackout_started_ns = monotonic_ns();
+    if (was_running) {
+      VMM_TRY(update.machine_.pause());
+      paused_by_us = true;
+    }
+    VMM_TRY_ASSIGN(state, update.machine_.save_state());
+    state.metadata.generation = record.generation;
+    state.metadata.program_version =
+        fmt::format("{}.{}.{}", VMM_VERSION_MAJOR, VMM_VERSION_MINOR, VMM_VERSION_MICRO);
+    state.metadata.saved_at_realtime_ns = static_cast<uint64_t>(realtime_ns());
+    state.metadata.host_monotonic_ns_at_save = static_cast<uint64_t>(monotonic_ns());
+    state.metadata.was_running = was_running;
+    state.metadata.vm_luo_token = kVmToken;
+    for (const auto& msr : state.vcpus.front().msrs)
+      if (msr.index == kMsrTsc) state.metadata.guest_tsc_at_save = msr.data;
+    for (size_t i = 0; i < state.memory.size(); ++i) {
+      auto& ref = state.memory[i];
+      ref.luo_token = kFirstRegionToken + i;
+      ref.vm_token = ref.spec.backing == memory::Backing::guest_memfd ? kVmToken : 0;
+    }
+    VMM_TRY_ASSIGN(written, migration::encode_into(state, out));
+    spdlog::info("live update: froze {} ({} bytes of state)", migration::describe(state), written);
+    return written;
+  }
+};
 
 control::CommandResult LiveUpdate::run(const json& arguments, const control::CommandContext& context) {
   auto request = parse(arguments);
@@ -182,152 +274,101 @@ control::CommandResult LiveUpdate::run(const json& arguments, const control::Com
     ~ClearInProgress() { flag = false; }
   } clear{in_progress_};
 
-  UpdateRecord record;
+  Attempt attempt{*this, std::move(*request), {}};
   {
     std::lock_guard lock(record_mutex_);
-    record.generation = record_.generation;
+    attempt.record.generation = record_.generation;
+    attempt.record.status = "in-progress";
+    attempt.record.mode = attempt.request.mode;
+    record_ = attempt.record;
   }
-  record.status = "in-progress";
-  record.mode = request->mode;
-  {
-    std::lock_guard lock(record_mutex_);
-    record_ = record;
-  }
+  attempt.was_running = machine_.run_state() == RunState::running;
+  if (attempt.request.mode == "transfer") return run_transfer(attempt, context);
+  return run_luo(attempt, context);
+}
 
-  const bool was_running = machine_.run_state() == RunState::running;
-  bool paused_by_us = false;
-  std::string phase = "prepare";
-  Attempt attempt;
-
-  // Every failure ends here: cancel, resume, report. Guest memory is never
-  // written by anything above, so it is intact.
-  auto failed = [&](const Error& error) -> control::CommandResult {
-    const std::string desc = fmt::format("live update ({}) failed during {}: {}", request->mode, phase, error.describe());
-    attempt.cancel();
-    if (paused_by_us) {
-      if (auto resumed = machine_.resume(); !resumed)
-        spdlog::error("cannot resume the guest after a failed update: {}", resumed.error().describe());
-    }
-    spdlog::error("{}; the session was cancelled{}", desc, was_running ? " and the guest resumed" : "");
-    record.status = "failed";
-    record.error = desc;
-    machine_.emit_event("LIVE_UPDATE", {{"status", "failed"}, {"phase", phase}, {"error", desc}});
-    finish_record(record);
-    return command_error(desc + (was_running ? "; the guest is running again" : "; the guest stays paused") +
-                         " and its memory is intact");
-  };
-  auto phase_done = [&](const std::string& name, steady_clock::time_point started) {
-    record.add_phase(name, steady_clock::now() - started);
-    machine_.emit_event("LIVE_UPDATE", {{"status", "in-progress"}, {"phase", name},
-                                        {"duration_us", record.phases.back().duration_us}});
-  };
+// Exec and kexec: everything goes through a LUO session.
+control::CommandResult LiveUpdate::run_luo(Attempt& attempt, const control::CommandContext& context) {
+  const Request& request = attempt.request;
+  UpdateRecord& record = attempt.record;
+  LuoAttempt luo;
+  attempt.cancel = [&luo] { luo.cancel(); };
 
   // --- prepare: the guest keeps running ---------------------------------
-  auto started = steady_clock::now();
   // The new kernel must be at hand before anything is preserved.
-  for (const std::string* image : {&request->kernel, &request->initrd}) {
+  for (const std::string* image : {&request.kernel, &request.initrd}) {
     if (image->empty()) continue;
     UniqueFd file(::open(image->c_str(), O_RDONLY | O_CLOEXEC));
-    if (!file) return failed(Error{errno, "cannot open the kexec image '" + *image + "'"});
+    if (!file) return attempt.failed(Error{errno, "cannot open the kexec image '" + *image + "'"});
   }
-  if (request->mode == "exec") {
+  if (request.mode == "exec") {
     auto backend = luo::ExecBackend::create();
-    attempt.exec_backend = backend.get();
-    attempt.backend = std::move(backend);
+    luo.exec_backend = backend.get();
+    luo.backend = std::move(backend);
   } else {
     auto backend = luo::KernelBackend::open();
-    if (!backend) return failed(backend.error());
-    attempt.backend = std::move(*backend);
+    if (!backend) return attempt.failed(backend.error());
+    luo.backend = std::move(*backend);
   }
   // kexec: the new kernel is loaded now, while the guest still runs, so the
   // load stays out of the blackout. Like `kexec --reuse-cmdline`, the
   // running kernel's command line is the default.
   luo::Kexec kexec;
-  if (request->mode == "kexec") {
-    std::string cmdline = request->cmdline;
+  if (request.mode == "kexec") {
+    std::string cmdline = request.cmdline;
     if (cmdline.empty()) {
       auto current = luo::Kexec::current_cmdline();
-      if (!current) return failed(current.error());
+      if (!current) return attempt.failed(current.error());
       cmdline = *current;
     }
-    if (auto loaded = kexec.load(luo::KexecImage{request->kernel,
-                                                  request->initrd.empty() ? std::nullopt
-                                                                          : std::optional(request->initrd),
+    if (auto loaded = kexec.load(luo::KexecImage{request.kernel,
+                                                  request.initrd.empty() ? std::nullopt
+                                                                         : std::optional(request.initrd),
                                                   cmdline});
         !loaded)
-      return failed(loaded.error());
+      return attempt.failed(loaded.error());
   }
-  auto session = attempt.backend->create_session(machine_.config().name);
-  if (!session) return failed(session.error());
-  attempt.session = std::move(*session);
-  if (auto kept = attempt.session->preserve(machine_.vm_fd(), kVmToken); !kept)
-    return failed(kept.error().with_context("preserving the VM"));
+  auto session = luo.backend->create_session(machine_.config().name);
+  if (!session) return attempt.failed(session.error());
+  luo.session = std::move(*session);
+  if (auto kept = luo.session->preserve(machine_.vm_fd(), kVmToken); !kept)
+    return attempt.failed(kept.error().with_context("preserving the VM"));
   const auto& regions = machine_.memory().regions();
   for (size_t i = 0; i < regions.size(); ++i) {
-    if (auto kept = attempt.session->preserve(regions[i]->fd(), kFirstRegionToken + i); !kept)
-      return failed(kept.error().with_context("preserving memory region '" + regions[i]->spec().name + "'"));
+    if (auto kept = luo.session->preserve(regions[i]->fd(), kFirstRegionToken + i); !kept)
+      return attempt.failed(kept.error().with_context("preserving memory region '" + regions[i]->spec().name + "'"));
   }
-  if (request->fault == Fault::preserve_refused) {
+  if (request.fault == Fault::preserve_refused) {
     // An eventfd: a kind of file no LUO handler takes.
     UniqueFd unsupported(::eventfd(0, EFD_CLOEXEC));
-    if (auto kept = attempt.session->preserve(unsupported.ref(), kStateToken + 1); !kept)
-      return failed(kept.error().with_context("preserving an injected eventfd"));
+    if (auto kept = luo.session->preserve(unsupported.ref(), kStateToken + 1); !kept)
+      return attempt.failed(kept.error().with_context("preserving an injected eventfd"));
   }
-  const uint64_t state_size =
-      request->fault == Fault::state_too_large ? 4096 : state_memfd_size(machine_.config().vcpus);
-  attempt.state_fd.reset(::memfd_create("vmm-state", MFD_CLOEXEC | MFD_ALLOW_SEALING));
-  if (!attempt.state_fd) return failed(Error{errno, "cannot create the state memfd"});
-  if (::ftruncate(attempt.state_fd.get(), static_cast<off_t>(state_size)) != 0)
-    return failed(Error{errno, "cannot size the state memfd"});
-  auto state_mapping = memory::Mapping::map_shared(attempt.state_fd.ref(), state_size);
-  if (!state_mapping) return failed(state_mapping.error());
-  attempt.state_mapping = std::move(*state_mapping);
-  if (auto kept = attempt.session->preserve(attempt.state_fd.ref(), kStateToken); !kept)
-    return failed(kept.error().with_context("preserving the state memfd"));
-  phase_done("prepare", started);
+  if (auto created = luo.state.create(request.fault == Fault::state_too_large ? 4096
+                                                                             : state_memfd_size(machine_.config().vcpus));
+      !created)
+    return attempt.failed(created.error());
+  if (auto kept = luo.session->preserve(luo.state.fd.ref(), kStateToken); !kept)
+    return attempt.failed(kept.error().with_context("preserving the state memfd"));
+  attempt.phase_done();
 
   // --- freeze: the blackout starts ---------------------------------------
-  phase = "freeze";
-  started = steady_clock::now();
-  record.blackout_started_ns = monotonic_ns();
-  if (was_running) {
-    auto paused = machine_.pause();
-    if (!paused) return failed(paused.error());
-    paused_by_us = true;
-  }
-  auto state = machine_.save_state();
-  if (!state) return failed(state.error());
-  state->metadata.generation = record.generation;
-  state->metadata.program_version = fmt::format("{}.{}.{}", VMM_VERSION_MAJOR, VMM_VERSION_MINOR, VMM_VERSION_MICRO);
-  state->metadata.saved_at_realtime_ns = static_cast<uint64_t>(realtime_ns());
-  state->metadata.host_monotonic_ns_at_save = static_cast<uint64_t>(monotonic_ns());
-  state->metadata.was_running = was_running;
-  state->metadata.vm_luo_token = kVmToken;
-  for (const auto& msr : state->vcpus.front().msrs)
-    if (msr.index == kMsrTsc) state->metadata.guest_tsc_at_save = msr.data;
-  for (size_t i = 0; i < state->memory.size(); ++i) {
-    auto& ref = state->memory[i];
-    ref.luo_token = kFirstRegionToken + i;
-    ref.vm_token = ref.spec.backing == memory::Backing::guest_memfd ? kVmToken : 0;
-  }
-  auto written = migration::encode_into(*state, attempt.state_mapping.bytes());
-  if (!written) return failed(written.error());
-  phase_done("freeze", started);
-  spdlog::info("live update: froze {} ({} bytes of state)", migration::describe(*state), *written);
+  attempt.next_phase("freeze");
+  if (auto frozen = attempt.freeze_into(luo.state.mapping.bytes()); !frozen) return attempt.failed(frozen.error());
+  attempt.phase_done();
 
   // --- handover -----------------------------------------------------------
-  phase = "handover";
-  if (request->mode == "kexec") {
+  attempt.next_phase("handover");
+  if (request.mode == "kexec") {
     // Session fds stay open until the reboot: closing them would unpreserve.
     auto rebooted = kexec.reboot();
-    return failed(rebooted ? Error{0, "reboot returned"} : rebooted.error());
+    return attempt.failed(rebooted ? Error{0, "reboot returned"} : rebooted.error());
   }
 
-  auto handover = attempt.exec_backend->prepare_exec();
-  if (!handover) return failed(handover.error());
-  record.status = "in-progress";
+  auto handover = luo.exec_backend->prepare_exec();
+  if (!handover) return attempt.failed(handover.error());
   record.handover_started_ns = monotonic_ns();
-  std::vector<std::string> argv{request->binary, "restore", "--session", machine_.config().name};
+  std::vector<std::string> argv{request.binary, "restore", "--session", machine_.config().name};
   for (auto& arg : handover->manifest_args()) argv.push_back(arg);
   std::vector<int> inherited;
   // The rollback target is this very binary, by descriptor: after a package
@@ -344,29 +385,126 @@ control::CommandResult LiveUpdate::run(const json& arguments, const control::Com
     if (context.id) argv.insert(argv.end(), {"--reply-id", context.id->dump()});
     inherited.push_back(context.connection_fd);
   }
-  json carried = record.to_json();
-  carried["blackout_started_ns"] = record.blackout_started_ns;
-  carried["handover_started_ns"] = record.handover_started_ns;
-  argv.insert(argv.end(), {"--update-record", carried.dump(), "--console", relaunch_.console, "--log-level",
-                           relaunch_.log_level, "--kvm-device", relaunch_.kvm_device});
+  argv.insert(argv.end(), {"--update-record", carried_record(record).dump()});
+  for (auto& arg : relaunch_args()) argv.push_back(std::move(arg));
   if (own_exe)
     argv.insert(argv.end(), {"--rollback-binary", "/proc/self/fd/" + std::to_string(own_exe.get())});
-  if (request->fault == Fault::corrupt_state || request->fault == Fault::wrong_token ||
-      request->fault == Fault::wrong_vm_token)
-    argv.insert(argv.end(), {"--x-inject", std::string(to_string(request->fault))});
+  if (request.fault == Fault::corrupt_state || request.fault == Fault::wrong_token ||
+      request.fault == Fault::wrong_vm_token)
+    argv.insert(argv.end(), {"--x-inject", std::string(to_string(request.fault))});
 
-  spdlog::info("live update: exec {}", request->binary);
+  spdlog::info("live update: exec {}", request.binary);
   machine_.flush_console();
   // New connections wait in the listen backlog for the new process rather
   // than being accepted here and cut off by the exec.
   if (server_) server_->stop_accepting();
-  auto exec = attempt.exec_backend->exec(luo::ExecRequest{request->binary, argv, std::nullopt, inherited});
+  auto exec = luo.exec_backend->exec(luo::ExecRequest{request.binary, argv, std::nullopt, inherited});
   // Only a failed exec comes back here.
   if (server_) {
     if (auto resumed = server_->resume_accepting(); !resumed)
       spdlog::error("control socket: {}", resumed.error().describe());
   }
-  return failed(exec ? Error{0, "exec returned"} : exec.error());
+  return attempt.failed(exec ? Error{0, "exec returned"} : exec.error());
+}
+
+// Transfer: the new vmm builds its VM before the pause; see transfer.h.
+control::CommandResult LiveUpdate::run_transfer(Attempt& attempt, const control::CommandContext& context) {
+  const Request& request = attempt.request;
+  UpdateRecord& record = attempt.record;
+  StateMemfd state;
+  std::optional<transfer::Target> target;
+  bool socket_handed = false;
+  attempt.cancel = [&] {
+    if (target) target->abort();  // a target that never committed never ran the guest
+    if (socket_handed && server_) {
+      if (auto resumed = server_->resume_accepting(); !resumed)
+        spdlog::error("control socket: {}", resumed.error().describe());
+    }
+  };
+
+  // --- prepare: the guest keeps running ---------------------------------
+  if (auto created = state.create(request.fault == Fault::state_too_large ? 4096
+                                                                         : state_memfd_size(machine_.config().vcpus));
+      !created)
+    return attempt.failed(created.error());
+  std::vector<std::string> args;
+  if (server_) args.insert(args.end(), {"--control-socket", relaunch_.control_socket_path});
+  for (auto& arg : relaunch_args()) args.push_back(std::move(arg));
+  auto spawned = transfer::Target::spawn(request.binary, args);
+  if (!spawned) return attempt.failed(spawned.error());
+  target.emplace(std::move(*spawned));
+  spdlog::info("live update: started {} (pid {}) to take the VM over", request.binary, target->pid());
+
+  std::vector<FdRef> files;
+  memory::MemoryLayout layout;
+  for (const auto& region : machine_.memory().regions()) {
+    files.push_back(region->fd());
+    layout.regions.push_back(region->spec());
+  }
+  files.push_back(state.fd.ref());
+  json hello = {{"name", machine_.config().name}, {"vcpus", machine_.config().vcpus},
+                {"regions", transfer::layout_to_json(layout)}};
+  if (request.fault == Fault::target_refuses) hello["x-inject"] = to_string(request.fault);
+  if (auto sent = transfer::send(target->channel(), "hello", hello, files); !sent)
+    return attempt.failed(sent.error());
+  // Building a VM takes a few ms plus ~1.5 ms per GiB of memslots here.
+  const auto build_timeout = seconds(30) + seconds(machine_.config().ram_size >> 30);
+  auto ready = transfer::receive(target->channel(), "ready", build_timeout);
+  if (!ready) return attempt.failed(ready.error().with_context("the new vmm could not build the VM"));
+  spdlog::info("live update: the new vmm built the VM in {} us", ready->body.value("prebuild_us", int64_t{-1}));
+  attempt.phase_done();
+
+  // --- freeze: the blackout starts ---------------------------------------
+  attempt.next_phase("freeze");
+  auto frozen = attempt.freeze_into(state.mapping.bytes());
+  if (!frozen) return attempt.failed(frozen.error());
+  attempt.phase_done();
+
+  // --- handover: the state, the socket and the client go over -------------
+  attempt.next_phase("handover");
+  record.handover_started_ns = monotonic_ns();
+  machine_.flush_console();
+  json body = {{"bytes", *frozen}, {"record", carried_record(record)}, {"socket", false}, {"connection", false}};
+  if (request.fault != Fault::none) body["x-inject"] = to_string(request.fault);
+  std::vector<FdRef> handed;
+  if (server_) {
+    // Connections made from here on wait in the backlog for the new process.
+    server_->stop_accepting();
+    socket_handed = true;
+    handed.push_back(server_->listening_fd());
+    body["socket"] = true;
+  }
+  if (context.connection_fd >= 0) {
+    handed.push_back(FdRef(context.connection_fd));
+    body["connection"] = true;
+    if (context.id) body["reply_id"] = *context.id;
+  }
+  if (auto sent = transfer::send(target->channel(), "state", body, handed); !sent)
+    return attempt.failed(sent.error());
+  auto commit = transfer::receive(target->channel(), "commit", seconds(30));
+  if (!commit) return attempt.failed(commit.error().with_context("the new vmm could not restore the VM"));
+
+  // Committed: the new process runs the guest and answers the client. This
+  // one must not touch the VM, the socket or the connection again.
+  target->committed();
+  const pid_t successor = target->pid();
+  spdlog::info("live update: the VM now runs in pid {}; this vmm exits", successor);
+  handed_over_ = true;
+  if (context.handed_over) context.handed_over->store(true);
+  machine_.set_event_sink({});
+  machine_.request_shutdown(fmt::format("the VM moved to a new vmm (pid {})", successor), false);
+  return json::object();
+}
+
+json LiveUpdate::carried_record(const UpdateRecord& record) {
+  json carried = record.to_json();
+  carried["blackout_started_ns"] = record.blackout_started_ns;
+  carried["handover_started_ns"] = record.handover_started_ns;
+  return carried;
+}
+
+std::vector<std::string> LiveUpdate::relaunch_args() const {
+  return {"--console", relaunch_.console, "--log-level", relaunch_.log_level, "--kvm-device", relaunch_.kvm_device};
 }
 
 void LiveUpdate::finish_record(UpdateRecord record) {

@@ -51,7 +51,7 @@ struct UpdatePhase {
 // carries it to the new process, which completes it.
 struct UpdateRecord {
   std::string status = "none";  // none | in-progress | completed | failed
-  std::string mode;             // exec | kexec
+  std::string mode;             // transfer | exec | kexec
   uint64_t generation = 0;      // updates this VM has survived
   std::vector<UpdatePhase> phases;
   std::optional<int64_t> blackout_us;
@@ -74,6 +74,8 @@ enum class Fault {
   corrupt_state,     // restore: the new process sees a corrupted state blob
   wrong_token,       // restore: the new process asks for a region by a wrong token
   wrong_vm_token,    // restore: a guest_memfd's VM token does not match the VM
+  target_refuses,    // transfer prepare: the new process reports it cannot build the VM
+  target_crash,      // transfer handover: the new process dies after receiving the state
 };
 [[nodiscard]] Result<Fault> fault_from_string(std::string_view name);
 [[nodiscard]] std::string_view to_string(Fault fault);
@@ -102,7 +104,8 @@ class LiveUpdate {
   [[nodiscard]] nlohmann::json query() const;
 
   // live-update: runs prepare, freeze and handover on the caller's thread.
-  // An exec that succeeds never returns: the new process replies to the
+  // An exec that succeeds never returns, and a transfer that succeeds marks
+  // the connection handed over: either way the new process replies to the
   // client on the connection in `context`. Every failure returns an error
   // with the guest running again (if it was) and its memory untouched.
   control::CommandResult run(const nlohmann::json& arguments, const control::CommandContext& context);
@@ -112,6 +115,9 @@ class LiveUpdate {
   void watch_guest_gap(uint64_t heartbeat_at_save);
   // In a restored process: the update that brought it here, completed.
   void record_completed(UpdateRecord record);
+  // A transfer committed: the VM, the control socket and the requesting
+  // connection belong to the new process; this one only exits.
+  [[nodiscard]] bool handed_over() const { return handed_over_.load(); }
 
  private:
   struct Request {
@@ -120,7 +126,14 @@ class LiveUpdate {
     std::string kernel, initrd, cmdline;
     Fault fault = Fault::none;
   };
+  struct Attempt;
   [[nodiscard]] Result<Request> parse(const nlohmann::json& arguments) const;
+  control::CommandResult run_luo(Attempt& attempt, const control::CommandContext& context);
+  control::CommandResult run_transfer(Attempt& attempt, const control::CommandContext& context);
+  // The record as the new process receives it, with the clock readings.
+  [[nodiscard]] static nlohmann::json carried_record(const UpdateRecord& record);
+  // --console, --log-level and --kvm-device as this process got them.
+  [[nodiscard]] std::vector<std::string> relaunch_args() const;
   void finish_record(UpdateRecord record);
   void measure_guest_gap(uint64_t heartbeat_at_save);
 
@@ -128,6 +141,7 @@ class LiveUpdate {
   RelaunchOptions relaunch_;
   control::Server* server_ = nullptr;
   std::atomic<bool> in_progress_{false};
+  std::atomic<bool> handed_over_{false};
   mutable std::mutex record_mutex_;
   UpdateRecord record_;
   std::thread gap_thread_;

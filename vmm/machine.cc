@@ -147,6 +147,21 @@ Result<void> Machine::prepare_vm(kvm::Vm& vm) {
   return {};
 }
 
+Result<std::unique_ptr<Machine>> Machine::assemble(MachineConfig config, Host host, kvm::Vm vm,
+                                                   memory::GuestMemory memory) {
+  VMM_TRY_ASSIGN(console, open_console(config));
+  UniqueFd shutdown_event(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  if (!shutdown_event) return fail_errno("cannot create the shutdown eventfd");
+  std::unique_ptr<Machine> machine(new Machine(std::move(config), std::move(host.system), host.caps, std::move(vm),
+                                               std::move(memory), std::move(shutdown_event)));
+  VMM_TRY(machine->build_devices(std::move(console)));
+  VMM_TRY(machine->create_empty_vcpus());
+  // Threads parked from the start: load_state() runs each vCPU's ioctls on
+  // its own thread, and resuming later is a message that cannot fail.
+  VMM_TRY(machine->start(false));
+  return machine;
+}
+
 Result<std::unique_ptr<Machine>> Machine::restore(MachineConfig config, RestoreInputs inputs) {
   const migration::SavedState& state = inputs.state;
   memory::MemoryLayout layout;
@@ -163,20 +178,59 @@ Result<std::unique_ptr<Machine>> Machine::restore(MachineConfig config, RestoreI
     return fail(fmt::format("restore got {} memory files for {} regions", inputs.region_files.size(),
                             layout.regions.size()));
 
-  VMM_TRY_ASSIGN(console, open_console(config));
   VMM_TRY_ASSIGN(host, open_host(config));
   kvm::Vm vm(std::move(inputs.vm_fd), host.system.vcpu_mmap_size());
   VMM_TRY(prepare_vm(vm));
   VMM_TRY_ASSIGN(memory, memory::GuestMemory::attach(vm, layout, std::move(inputs.region_files),
                                                      inputs.guest_memfd_slot_kind));
-  UniqueFd shutdown_event(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
-  if (!shutdown_event) return fail_errno("cannot create the shutdown eventfd");
+  VMM_TRY_ASSIGN(machine, assemble(std::move(config), std::move(host), std::move(vm), std::move(memory)));
+  VMM_TRY(machine->load_state(state));
+  return machine;
+}
 
-  std::unique_ptr<Machine> machine(new Machine(config, std::move(host.system), host.caps, std::move(vm),
-                                               std::move(memory), std::move(shutdown_event)));
-  VMM_TRY(machine->build_devices(std::move(console)));
-  VMM_TRY(machine->vm_.restore(state.vm));
-  VMM_TRY(machine->restore_vcpus(state.vcpus));
+Result<std::unique_ptr<Machine>> Machine::prebuild(MachineConfig config, PrebuildInputs inputs) {
+  if (config.vcpus == 0 || config.vcpus > kMaxVcpus)
+    return fail(fmt::format("{} vCPUs is out of range: use 1 to {}", config.vcpus, kMaxVcpus));
+  const memory::MemoryLayout& layout = inputs.layout;
+  if (inputs.region_files.size() != layout.regions.size())
+    return fail(fmt::format("got {} memory files for {} regions", inputs.region_files.size(), layout.regions.size()));
+  config.ram_size = layout.ram_size();
+  config.shared_size = layout.shared() ? layout.shared()->size : 0;
+  config.ram_backing = layout.regions.empty() ? memory::Backing::memfd : layout.regions.front().backing;
+  if (config.ram_backing == memory::Backing::guest_memfd &&
+      inputs.guest_memfd_slot_kind == memory::SlotKind::userspace)
+    config.ram_backing = memory::Backing::memfd;  // only the capability check looks at this
+
+  const auto started = steady_clock::now();
+  VMM_TRY_ASSIGN(host, open_host(config));
+  VMM_TRY_ASSIGN(vm, host.system.create_vm());
+  VMM_TRY(prepare_vm(vm));
+  VMM_TRY_ASSIGN(memory, memory::GuestMemory::attach(vm, layout, std::move(inputs.region_files),
+                                                     inputs.guest_memfd_slot_kind));
+  VMM_TRY_ASSIGN(machine, assemble(std::move(config), std::move(host), std::move(vm), std::move(memory)));
+  spdlog::debug("VM '{}' prebuilt in {} us", machine->config_.name,
+                duration_cast<microseconds>(steady_clock::now() - started).count());
+  return machine;
+}
+
+Result<void> Machine::load_state(const migration::SavedState& state) {
+  if (state.vcpus.size() != vcpus_.size())
+    return fail(fmt::format("the saved state has {} vCPUs but the VM was built with {}", state.vcpus.size(),
+                            vcpus_.size()), EINVAL);
+  const auto& regions = memory_.regions();
+  if (state.memory.size() != regions.size())
+    return fail(fmt::format("the saved state has {} memory regions but the VM was built with {}",
+                            state.memory.size(), regions.size()), EINVAL);
+  for (size_t i = 0; i < regions.size(); ++i) {
+    const memory::RegionSpec& saved = state.memory[i].spec;
+    const memory::RegionSpec& built = regions[i]->spec();
+    if (saved.name != built.name || saved.gpa != built.gpa || saved.size != built.size)
+      return fail(fmt::format("memory region {} of the saved state ('{}', {} at 0x{:x}) is not the VM's ('{}', "
+                              "{} at 0x{:x})", i, saved.name, memory::format_size(saved.size), saved.gpa,
+                              built.name, memory::format_size(built.size), built.gpa), EINVAL);
+  }
+  VMM_TRY(vm_.restore(state.vm));
+  VMM_TRY(restore_vcpus(state.vcpus));
 
   devices::SerialRegisters serial;
   serial.ier = state.uart.ier;
@@ -190,24 +244,30 @@ Result<std::unique_ptr<Machine>> Machine::restore(MachineConfig config, RestoreI
   serial.dlm = state.uart.dlm;
   serial.fcr = state.uart.fcr;
   serial.rx.assign(state.uart.pending_input.begin(), state.uart.pending_input.end());
-  machine->serial_->set_registers(serial);
+  serial_->set_registers(serial);
   if (state.test_device.last_verify_request != 0) {
     devices::VerifyResult last;
     last.request = state.test_device.last_verify_request;
     last.pages_checked = state.test_device.last_result.pages_checked;
     last.mismatches = state.test_device.last_result.mismatches;
-    machine->guest_link_->set_last_verify(last);
+    guest_link_->set_last_verify(last);
   }
-  return machine;
+  return {};
+}
+
+Result<void> Machine::create_empty_vcpus() {
+  VMM_TRY_ASSIGN(msrs, system_.msrs_to_save());
+  msrs_to_save_ = std::move(msrs);
+  for (uint32_t id = 0; id < config_.vcpus; ++id) {
+    VMM_TRY_ASSIGN(vcpu, vm_.create_vcpu(id));
+    vcpus_.push_back(std::make_unique<VcpuThread>(std::move(vcpu), *this));
+  }
+  return {};
 }
 
 Result<void> Machine::restore_vcpus(const std::vector<kvm::VcpuState>& states) {
-  VMM_TRY_ASSIGN(msrs, system_.msrs_to_save());
-  msrs_to_save_ = std::move(msrs);
-  for (const auto& state : states) {
-    VMM_TRY_ASSIGN(vcpu, vm_.create_vcpu(state.id));
-    VMM_TRY(vcpu.restore(state));
-    vcpus_.push_back(std::make_unique<VcpuThread>(std::move(vcpu), *this));
+  for (size_t i = 0; i < states.size(); ++i) {
+    VMM_TRY(vcpus_[i]->run_while_paused([&](kvm::Vcpu& vcpu) { return vcpu.restore(states[i]); }));
   }
   return {};
 }
@@ -289,6 +349,8 @@ Result<void> Machine::create_vcpus(uint32_t entry) {
 Result<void> Machine::start(bool running) {
   std::lock_guard lock(state_mutex_);
   if (state_ == RunState::shutdown) return fail("the VM has shut down");
+  if (threads_started_) return fail("the vCPU threads are already started");
+  threads_started_ = true;
   for (auto& vcpu : vcpus_) VMM_TRY(vcpu->start(running));
   state_ = running ? RunState::running : RunState::paused;
   return {};

@@ -52,6 +52,14 @@ struct RestoreInputs {
   migration::SavedState state;
 };
 
+// What a transfer live update builds a VM from ahead of the pause: the
+// memory files and layout of the running VM, handed over by the old vmm.
+struct PrebuildInputs {
+  memory::MemoryLayout layout;
+  std::vector<UniqueFd> region_files;  // in layout order
+  memory::SlotKind guest_memfd_slot_kind = memory::SlotKind::userspace;
+};
+
 inline constexpr uint32_t kMaxVcpus = 32;  // the test guest protocol's limit
 
 enum class RunState { running, paused, shutdown };
@@ -84,6 +92,14 @@ class Machine final : public VcpuExitHandler {
   // parked; never writes guest memory. `config` supplies what is not part of
   // the state (console, KVM device); the rest comes from the state.
   [[nodiscard]] static Result<std::unique_ptr<Machine>> restore(MachineConfig config, RestoreInputs inputs);
+  // Builds an empty VM (irqchip, memslots on the given files, vCPUs with
+  // their threads parked) for a state that load_state() supplies later: the
+  // expensive part of a restore, done while the old VM still runs. Never
+  // writes guest memory. `config` names the VM and its vCPU count.
+  [[nodiscard]] static Result<std::unique_ptr<Machine>> prebuild(MachineConfig config, PrebuildInputs inputs);
+  // Loads saved state into a VM from prebuild() whose layout and vCPU count
+  // match it; the vCPUs stay parked (resume() runs them).
+  [[nodiscard]] Result<void> load_state(const migration::SavedState& state);
 
   // The VM's whole state (VM, vCPUs, devices, memory layout); only while
   // paused. Region tokens are left for the caller to fill in.
@@ -91,8 +107,8 @@ class Machine final : public VcpuExitHandler {
   [[nodiscard]] FdRef vm_fd() const { return vm_.fd(); }
   ~Machine() override;
 
-  // Starts the vCPU threads, running the guest or parked (a VM that was
-  // paused before a live update stays paused after it).
+  // Starts the vCPU threads of a VM from create(), running the guest or
+  // parked. (restore() and prebuild() start them parked themselves.)
   [[nodiscard]] Result<void> start(bool running = true);
   // Parks every vCPU; returns how long that took. Bounded by `timeout`.
   [[nodiscard]] Result<std::chrono::microseconds> pause(
@@ -141,7 +157,11 @@ class Machine final : public VcpuExitHandler {
   [[nodiscard]] static Result<void> prepare_vm(kvm::Vm& vm);
   [[nodiscard]] Result<void> build_devices(devices::ConsoleSink console);
   [[nodiscard]] Result<void> create_vcpus(uint32_t entry);
+  [[nodiscard]] Result<void> create_empty_vcpus();
   [[nodiscard]] Result<void> restore_vcpus(const std::vector<kvm::VcpuState>& states);
+  // The part of create/restore/prebuild after the VM and its memory exist.
+  [[nodiscard]] static Result<std::unique_ptr<Machine>> assemble(MachineConfig config, Host host, kvm::Vm vm,
+                                                                 memory::GuestMemory memory);
 
   MachineConfig config_;
   kvm::System system_;
@@ -159,6 +179,7 @@ class Machine final : public VcpuExitHandler {
 
   mutable std::mutex state_mutex_;  // guards the run state and serializes pause/resume
   RunState state_ = RunState::paused;
+  bool threads_started_ = false;
   std::string shutdown_reason_;
   bool shutdown_failed_ = false;
   std::optional<std::chrono::microseconds> last_pause_latency_;

@@ -9,6 +9,7 @@
 #include <signal.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cstdio>
@@ -28,6 +29,9 @@
 #include "vmm/machine.h"
 #include "vmm/restore.h"
 #include "vmm/size.h"
+#include "vmm/transfer.h"
+#include "migration/state_blob.h"
+#include "memory/mapping.h"
 
 namespace vmm {
 namespace {
@@ -171,8 +175,15 @@ struct Runtime {
   int wait(FdRef signals) {
     wait_for_shutdown(*machine, signals);
     machine->stop();
-    if (server) server->stop();
     machine->set_event_sink({});
+    if (server) {
+      // After a transfer the socket at the path is the new process's: leave it.
+      if (update->handed_over()) {
+        UniqueFd released = server->detach();
+      } else {
+        server->stop();
+      }
+    }
     return machine->shutdown_failed() ? 1 : 0;
   }
 };
@@ -218,6 +229,140 @@ void reply_failure(int reply_fd, const std::string& reply_id, const std::string&
   if (!reply_id.empty()) reply["id"] = json::parse(reply_id, nullptr, false);
   const std::string line = reply.dump() + "\n";
   [[maybe_unused]] ssize_t n = ::send(reply_fd, line.data(), line.size(), MSG_NOSIGNAL);
+}
+
+// The new process of a transfer live update (transfer.h): builds the VM
+// while the old process still runs it, then takes it over.
+int take_over_vm(const CommonOptions& common, int channel_fd) {
+  const auto started = steady_clock::now();
+  auto signals = shutdown_signals();
+  if (!signals) {
+    spdlog::error("{}", signals.error().describe());
+    return 1;
+  }
+  auto adopted = migration::FdChannel::adopt(UniqueFd(channel_fd));
+  if (!adopted) {
+    spdlog::error("transfer-target: {}; this command is started by `live-update` in mode transfer",
+                  adopted.error().describe());
+    return 2;
+  }
+  const migration::FdChannel channel = std::move(*adopted);
+  // Before "commit" every failure is reported to the old process, which
+  // resumes its own VM; nothing here has run the guest or written its memory.
+  auto refuse = [&](const Error& error) {
+    spdlog::error("transfer: cannot take the VM over: {}", error.describe());
+    [[maybe_unused]] auto sent = transfer::send(channel, "error", {{"message", error.describe()}});
+    return 1;
+  };
+
+  // --- prepare: build the VM on the same memory ----------------------------
+  auto hello = transfer::receive(channel, "hello", seconds(30));
+  if (!hello) return refuse(hello.error());
+  auto layout = transfer::layout_from_json(hello->body.value("regions", json::array()));
+  if (!layout) return refuse(layout.error());
+  if (hello->fds.size() != layout->regions.size() + 1)
+    return refuse(Error{EPROTO, fmt::format("got {} files for {} memory regions and the state", hello->fds.size(),
+                                            layout->regions.size())});
+  if (hello->body.value("x-inject", "") == to_string(Fault::target_refuses))
+    return refuse(Error{EINVAL, "injected fault: the new vmm refuses to build the VM"});
+  UniqueFd state_fd = std::move(hello->fds.back());
+  hello->fds.pop_back();
+  MachineConfig config;
+  apply_console(common, config);
+  config.name = hello->body.value("name", "vm");
+  config.vcpus = hello->body.value("vcpus", 0u);
+  auto machine = Machine::prebuild(config, PrebuildInputs{std::move(*layout), std::move(hello->fds),
+                                                          memory::SlotKind::userspace});
+  if (!machine) return refuse(machine.error());
+  struct stat state_file{};
+  if (::fstat(state_fd.get(), &state_file) != 0) return refuse(Error{errno, "cannot stat the state memfd"});
+  auto state_mapping = memory::Mapping::map_shared(state_fd.ref(), static_cast<size_t>(state_file.st_size));
+  if (!state_mapping) return refuse(state_mapping.error());
+  const auto prebuild_us = duration_cast<microseconds>(steady_clock::now() - started).count();
+  if (auto sent = transfer::send(channel, "ready", {{"pid", ::getpid()}, {"prebuild_us", prebuild_us}}); !sent) {
+    spdlog::error("transfer: {}", sent.error().describe());
+    return 1;
+  }
+
+  // --- handover: wait for the state; the old process may also cancel -------
+  auto handover = transfer::receive(channel, "state");
+  if (!handover) {
+    spdlog::info("transfer: the old vmm cancelled the update ({})", handover.error().describe());
+    return 0;
+  }
+  const int64_t received_ns = monotonic_ns();
+  const json& body = handover->body;
+  auto carried = UpdateRecord::from_json(body.value("record", json::object()));
+  if (!carried) return refuse(carried.error());
+  UpdateRecord record = std::move(*carried);
+  record.mode = "transfer";
+  const std::string inject = body.value("x-inject", "");
+  if (inject == to_string(Fault::target_crash)) {
+    spdlog::error("transfer: injected fault: the new vmm dies before committing");
+    std::_Exit(3);
+  }
+  size_t next_fd = 0;
+  UniqueFd listening, connection;
+  if (body.value("socket", false) && next_fd < handover->fds.size()) listening = std::move(handover->fds[next_fd++]);
+  if (body.value("connection", false) && next_fd < handover->fds.size())
+    connection = std::move(handover->fds[next_fd++]);
+  const size_t bytes = body.value("bytes", size_t{0});
+  if (bytes > state_mapping->size())
+    return refuse(Error{EPROTO, fmt::format("the state is {} bytes but its memfd only {}", bytes, state_mapping->size())});
+  std::span<const uint8_t> blob(state_mapping->data(), bytes);
+  std::vector<uint8_t> corrupted;
+  if (inject == to_string(Fault::corrupt_state)) {
+    // A private copy: the memfd keeps the good blob for the old process.
+    corrupted.assign(blob.begin(), blob.end());
+    corrupted[corrupted.size() / 2] ^= 0x5a;
+    blob = corrupted;
+  }
+  auto state = migration::decode(blob);
+  if (!state) return refuse(state.error().with_context("the saved state is unusable"));
+  if (record.handover_started_ns > 0)
+    record.add_phase("handover", nanoseconds(monotonic_ns() - record.handover_started_ns));
+
+  // --- restore: load the state into the prebuilt VM and run it -------------
+  const auto restore_started = steady_clock::now();
+  advance_clocks(*state, monotonic_ns() - static_cast<int64_t>(state->metadata.host_monotonic_ns_at_save));
+  if (auto loaded = (*machine)->load_state(*state); !loaded) return refuse(loaded.error());
+  record.generation = state->metadata.generation;
+  const bool was_running = state->metadata.was_running;
+  const uint64_t heartbeat_at_save = state->test_device.heartbeat_at_save;
+
+  // The point of no return: from here on this process owns the VM.
+  if (auto sent = transfer::send(channel, "commit"); !sent)
+    spdlog::warn("transfer: {}; taking the VM over anyway", sent.error().describe());
+  Runtime runtime(std::move(*machine), common, record);
+  if (was_running) {
+    if (auto resumed = runtime.machine->resume(); !resumed) {
+      spdlog::error("transfer: cannot resume the VM: {}", resumed.error().describe());
+      return 1;
+    }
+  }
+  // The blackout ends here: the vCPUs run again (or, paused before, are ready to).
+  const int64_t resumed_ns = monotonic_ns();
+  runtime.update->watch_guest_gap(heartbeat_at_save);
+  if (record.blackout_started_ns > 0) record.blackout_us = (resumed_ns - record.blackout_started_ns) / 1000;
+  record.add_phase("restore", steady_clock::now() - restore_started);
+  spdlog::debug("transfer: state received {} us after the handover started", (received_ns - record.handover_started_ns) / 1000);
+
+  if (listening) {
+    if (auto served = runtime.serve_socket(common.control_socket, listening.release()); !served)
+      spdlog::error("transfer: the control socket could not be taken over: {}", served.error().describe());
+  }
+  record.status = "completed";
+  record.error.reset();
+  record.generation += 1;
+  spdlog::info("live update (transfer) completed: generation {}, blackout {} us, pid {}", record.generation,
+               record.blackout_us.value_or(-1), ::getpid());
+  runtime.update->record_completed(record);
+  if (connection && runtime.server) {
+    json reply = {{"return", runtime.update->query()}};
+    if (body.contains("reply_id")) reply["id"] = body["reply_id"];
+    runtime.server->adopt_client(std::move(connection), reply);
+  }
+  return runtime.wait(signals->ref());
 }
 
 int restore_vm(const CommonOptions& common, const RestoreOptions& options) {
@@ -343,7 +488,9 @@ int restore_vm(const CommonOptions& common, const RestoreOptions& options) {
   Runtime runtime(std::move(*machine), common, record);
   if (auto served = runtime.serve_socket(common.control_socket, options.control_socket_fd); !served)
     return give_up(served.error());
-  if (auto started = runtime.machine->start(was_running); !started) return give_up(started.error());
+  if (was_running) {
+    if (auto resumed = runtime.machine->resume(); !resumed) return give_up(resumed.error());
+  }
   // The blackout ends here: the vCPUs run again (or, paused before, are ready to).
   const int64_t resumed_ns = monotonic_ns();
   runtime.update->watch_guest_gap(heartbeat_at_save);
@@ -414,7 +561,13 @@ int main(int argc, char** argv) {
   restore_command->add_option("--previous-failure", restore.previous_failure)->group("");
   restore_command->add_option("--x-inject", restore.inject)->group("");
 
-  for (auto* command : {run_command, restore_command}) {
+  int channel_fd = -1;
+  auto* transfer_command = app.add_subcommand(
+      "transfer-target", "Take a VM over from a running vmm (started by `live-update` in mode transfer)");
+  transfer_command->group("");
+  transfer_command->add_option("--channel-fd", channel_fd, "The transfer channel from the old vmm")->required();
+
+  for (auto* command : {run_command, restore_command, transfer_command}) {
     command->add_option("--console", common.console, "Serial console output: stdout, none, or a file PATH")
         ->capture_default_str();
     command->add_option("--control-socket", common.control_socket,
@@ -437,6 +590,7 @@ int main(int argc, char** argv) {
   spdlog::set_level(level);
 
   if (run_command->parsed()) return vmm::run_vm(common, run);
+  if (transfer_command->parsed()) return vmm::take_over_vm(common, channel_fd);
   if (restore_command->parsed()) {
     restore.argv.assign(argv, argv + argc);
     return vmm::restore_vm(common, restore);

@@ -97,6 +97,8 @@ void VcpuThread::exit() {
 
 Result<void> VcpuThread::run_while_paused(const std::function<Result<void>(kvm::Vcpu&)>& task) {
   std::unique_lock lock(mutex_);
+  // A thread just started parked may not have reached its first wait yet.
+  if (thread_.joinable()) changed_.wait(lock, [this] { return state_ != State::created; });
   if (!thread_.joinable() || state_ != State::paused || command_ != Command::pause)
     return fail(fmt::format("vCPU {} is not paused", id_));
   task_ = &task;

@@ -4,6 +4,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <atomic>
 #include <expected>
 #include <optional>
 #include <string>
@@ -27,6 +28,10 @@ using CommandResult = std::expected<nlohmann::json, CommandError>;
 struct CommandContext {
   int connection_fd = -1;
   std::optional<nlohmann::json> id;
+  // Set by a command that handed the connection to another process (a
+  // transfer live update): the server then neither replies on it nor reads
+  // from it again, and closes its own copy.
+  std::atomic<bool>* handed_over = nullptr;
 };
 
 class CommandHandler {

@@ -323,6 +323,10 @@ class ClientSession {
       if (line.ends_with('\r')) line.remove_suffix(1);
       if (line.size() > max_line) return reject_long_line(line.size());
       handle_line(line);
+      if (handed_over_.load()) {
+        close_reason_ = "the connection was handed over to another vmm process";
+        return Next::close;
+      }
     }
     input_.erase(0, line_start);
     // +1: the line's '\r' may have arrived without its '\n'.
@@ -395,6 +399,7 @@ class ClientSession {
     }
     spdlog::debug("control: client {}: {}", id_, command);
     CommandResult result = run_handler(command, arguments, id);
+    if (handed_over_.load()) return;  // another process answers on this connection now
     if (result) {
       reply(json{{"return", std::move(*result)}}, id);
     } else {
@@ -435,7 +440,7 @@ class ClientSession {
   CommandResult run_handler(const std::string& command, const json& arguments, const std::optional<json>& id) {
     // A throwing handler must not take the VMM down with std::terminate.
     try {
-      return server_.handler_.execute(command, arguments, CommandContext{fd_.get(), id});
+      return server_.handler_.execute(command, arguments, CommandContext{fd_.get(), id, &handed_over_});
     } catch (const std::exception& error) {
       spdlog::error("control: client {}: {} threw: {}", id_, command, error.what());
       return std::unexpected(CommandError{kGenericError, "internal error in " + command + ": " + error.what()});
@@ -454,6 +459,7 @@ class ClientSession {
   std::thread thread_;
   std::atomic<bool> finished_{false};
   std::atomic<bool> negotiated_{false};
+  std::atomic<bool> handed_over_{false};
 
   std::string input_;  // the client thread's only
   std::string close_reason_;
