@@ -99,6 +99,7 @@ json UpdateRecord::to_json() const {
   if (blackout_us) out["blackout_us"] = *blackout_us;
   if (guest_gap_us) out["guest_gap_us"] = *guest_gap_us;
   if (error) out["error"] = *error;
+  if (pid) out["pid"] = *pid;
   return out;
 }
 
@@ -518,6 +519,7 @@ void LiveUpdate::watch_guest_gap(uint64_t heartbeat_at_save) {
 }
 
 void LiveUpdate::record_completed(UpdateRecord record) {
+  record.pid = ::getpid();
   {
     std::lock_guard lock(record_mutex_);
     record.guest_gap_us = record_.guest_gap_us;  // the gap may already be measured: keep it

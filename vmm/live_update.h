@@ -57,6 +57,9 @@ struct UpdateRecord {
   std::optional<int64_t> blackout_us;
   std::optional<int64_t> guest_gap_us;
   std::optional<std::string> error;
+  // The vmm process that runs the VM after a completed update (a transfer
+  // moves the VM to a new process; exec and kexec keep or restart the pid).
+  std::optional<int64_t> pid;
   // CLOCK_MONOTONIC at the start of the blackout and of the handover.
   int64_t blackout_started_ns = 0;
   int64_t handover_started_ns = 0;

@@ -506,6 +506,7 @@ int restore_vm(const CommonOptions& common, const RestoreOptions& options) {
     record.status = "completed";
     record.error.reset();
     record.generation += 1;
+    record.pid = ::getpid();
     spdlog::info("live update ({}) completed: generation {}, blackout {} us", record.mode, record.generation,
                  record.blackout_us.value_or(-1));
     reply = {{"return", record.to_json()}};

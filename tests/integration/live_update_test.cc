@@ -1,6 +1,7 @@
-// End-to-end live updates of the real vmm binary (exec mode): the guest's
-// memory stays where it is, the guest carries on, and every failure before
-// the handover leaves the guest running with its memory intact.
+// End-to-end live updates of the real vmm binary (transfer and exec modes):
+// the guest's memory stays where it is, the guest carries on, and every
+// failure before the new vmm runs the guest leaves it running on the old one
+// with its memory intact.
 #include <gtest/gtest.h>
 #include <sys/socket.h>
 #include <sys/un.h>
@@ -39,13 +40,23 @@ Result<json> wait_stamped(VmmProcess& vm) {
   return vm.wait_guest([](const json& g) { return g["phase"] == "running"; }, 60s);
 }
 
-// Runs one exec update that must succeed and returns its reply.
-Result<json> exec_update(VmmProcess& vm, json extra = json::object()) {
-  json arguments = {{"mode", "exec"}};
+// Runs one update that must succeed and returns its reply. After a transfer
+// the VM runs in a new process: the old one must exit cleanly.
+Result<json> live_update(VmmProcess& vm, const std::string& mode, json extra = json::object()) {
+  json arguments = {{"mode", mode}};
   arguments.update(extra);
-  VMM_TRY_ASSIGN(reply, vm.client().execute("live-update", arguments));
-  if (!reply) return fail("live-update failed: " + reply.error().desc);
-  return *reply;
+  VMM_TRY_ASSIGN(reply, vm.command("live-update", arguments));
+  const auto pid = reply.find("pid");
+  if (pid == reply.end() || !pid->is_number_integer()) return fail("the reply names no pid: " + reply.dump());
+  VMM_TRY(vm.follow(static_cast<pid_t>(pid->get<int64_t>())));
+  return reply;
+}
+Result<json> exec_update(VmmProcess& vm, json extra = json::object()) { return live_update(vm, "exec", extra); }
+
+std::vector<std::string> phases_of(const json& reply) {
+  std::vector<std::string> phases;
+  for (const auto& phase : reply["phases"]) phases.push_back(phase["name"]);
+  return phases;
 }
 
 // The checks after every successful update: the guest runs on from where it
@@ -82,28 +93,38 @@ std::map<std::string, Identity> region_identities(VmmProcess& vm) {
   return out;
 }
 
-TEST(LiveUpdate, ExecUpdateKeepsMemoryInPlaceAndTheGuestCarriesOn) {
+// The modes that move the VM to a new vmm binary.
+class EveryMode : public ::testing::TestWithParam<const char*> {};
+INSTANTIATE_TEST_SUITE_P(Modes, EveryMode, ::testing::Values("transfer", "exec"));
+
+TEST_P(EveryMode, UpdateKeepsMemoryInPlaceAndTheGuestCarriesOn) {
   REQUIRE_KVM();
+  const std::string mode = GetParam();
   auto vm = ASSERT_OK(VmmProcess::launch({"--vcpus", "2", "--memory", "256M"}));
   ASSERT_OK(wait_stamped(vm));
   ASSERT_OK(vm.command("guest-verify"));
   const auto before = region_identities(vm);
   const uint64_t heartbeat = heartbeat_of(ASSERT_OK(vm.command("query-guest")));
+  const pid_t old_pid = vm.pid();
 
-  auto reply = ASSERT_OK(exec_update(vm));
+  auto reply = ASSERT_OK(live_update(vm, mode));
   EXPECT_EQ(reply["status"], "completed");
-  EXPECT_EQ(reply["mode"], "exec");
+  EXPECT_EQ(reply["mode"], mode);
   EXPECT_EQ(reply["generation"], 1);
   EXPECT_GT(reply["blackout_us"].get<int64_t>(), 0);
-  std::vector<std::string> phases;
-  for (const auto& phase : reply["phases"]) phases.push_back(phase["name"]);
-  EXPECT_EQ(phases, (std::vector<std::string>{"prepare", "freeze", "handover", "restore", "finish"}));
+  if (mode == "exec") {
+    EXPECT_EQ(phases_of(reply), (std::vector<std::string>{"prepare", "freeze", "handover", "restore", "finish"}));
+    EXPECT_EQ(vm.pid(), old_pid) << "exec keeps the process";
+  } else {
+    EXPECT_EQ(phases_of(reply), (std::vector<std::string>{"prepare", "freeze", "handover", "restore"}));
+    EXPECT_NE(vm.pid(), old_pid) << "transfer moves the VM to a new process, and the old one exited 0";
+  }
 
-  // Zero copy: the very same files back every region, in the same process,
-  // and none of the guest's RAM became anonymous memory.
+  // Zero copy: the very same files back every region, and none of the
+  // guest's RAM became anonymous memory.
   EXPECT_EQ(region_identities(vm), before);
   for (const auto& region : ASSERT_OK(vm.command("query-memory")))
-    EXPECT_EQ(region["slot"], "userspace") << "after exec every region is attached through its mapping";
+    EXPECT_EQ(region["slot"], "userspace") << "after the update every region is attached through its mapping";
   EXPECT_LT(rss_anon_kib(vm.pid()), 64u * 1024) << "RssAnon stays far below the guest's 256 MiB";
 
   expect_guest_carries_on(vm, heartbeat, 2);
@@ -113,17 +134,18 @@ TEST(LiveUpdate, ExecUpdateKeepsMemoryInPlaceAndTheGuestCarriesOn) {
   EXPECT_EQ(ASSERT_OK(vm.command("query-status"))["status"], "running");
 }
 
-class RepeatedUpdates : public ::testing::TestWithParam<const char*> {};
+class RepeatedUpdates : public ::testing::TestWithParam<std::tuple<const char*, const char*>> {};
 
 TEST_P(RepeatedUpdates, TwentyUpdatesInARowVerifiedAfterEach) {
   REQUIRE_KVM();
-  auto vm = ASSERT_OK(VmmProcess::launch({"--vcpus", "2", "--memory", "256M", "--memory-backing", GetParam()}));
+  const auto [mode, backing] = GetParam();
+  auto vm = ASSERT_OK(VmmProcess::launch({"--vcpus", "2", "--memory", "256M", "--memory-backing", backing}));
   ASSERT_OK(wait_stamped(vm));
   const auto identities = region_identities(vm);
   for (int generation = 1; generation <= 20; ++generation) {
     SCOPED_TRACE("update " + std::to_string(generation));
     const uint64_t heartbeat = heartbeat_of(ASSERT_OK(vm.command("query-guest")));
-    auto reply = ASSERT_OK(exec_update(vm));
+    auto reply = ASSERT_OK(live_update(vm, mode));
     ASSERT_EQ(reply["generation"], generation);
     ASSERT_EQ(region_identities(vm), identities);
     auto guest = ASSERT_OK(vm.wait_guest([&](const json& g) { return heartbeat_of(g) > heartbeat + 2; }, 20s));
@@ -133,9 +155,14 @@ TEST_P(RepeatedUpdates, TwentyUpdatesInARowVerifiedAfterEach) {
   }
   EXPECT_LT(rss_anon_kib(vm.pid()), 64u * 1024);
 }
-INSTANTIATE_TEST_SUITE_P(Backings, RepeatedUpdates, ::testing::Values("guest_memfd", "memfd"));
+INSTANTIATE_TEST_SUITE_P(ModesAndBackings, RepeatedUpdates,
+                         ::testing::Combine(::testing::Values("transfer", "exec"),
+                                            ::testing::Values("guest_memfd", "memfd")),
+                         [](const auto& info) {
+                           return std::string(std::get<0>(info.param)) + "_" + std::get<1>(info.param);
+                         });
 
-TEST(LiveUpdate, PausedVmStaysPausedWithItsMemoryUnchanged) {
+TEST_P(EveryMode, PausedVmStaysPausedWithItsMemoryUnchanged) {
   REQUIRE_KVM();
   auto vm = ASSERT_OK(VmmProcess::launch({"--vcpus", "2"}));
   ASSERT_OK(wait_stamped(vm));
@@ -143,7 +170,7 @@ TEST(LiveUpdate, PausedVmStaysPausedWithItsMemoryUnchanged) {
   const auto hash_before = ASSERT_OK(vm.command("query-memory-hash"));
   const uint64_t heartbeat = heartbeat_of(ASSERT_OK(vm.command("query-guest")));
 
-  auto reply = ASSERT_OK(exec_update(vm));
+  auto reply = ASSERT_OK(live_update(vm, GetParam()));
   EXPECT_EQ(reply["status"], "completed");
   EXPECT_EQ(ASSERT_OK(vm.command("query-status")), (json{{"status", "paused"}, {"running", false}}));
   std::this_thread::sleep_for(200ms);
@@ -154,7 +181,7 @@ TEST(LiveUpdate, PausedVmStaysPausedWithItsMemoryUnchanged) {
   expect_guest_carries_on(vm, heartbeat, 2);
 }
 
-TEST(LiveUpdate, ControlSocketNeverRefusesAConnectionDuringTheUpdate) {
+TEST_P(EveryMode, ControlSocketNeverRefusesAConnectionDuringTheUpdate) {
   REQUIRE_KVM();
   auto vm = ASSERT_OK(VmmProcess::launch({}));
   ASSERT_OK(wait_stamped(vm));
@@ -172,7 +199,14 @@ TEST(LiveUpdate, ControlSocketNeverRefusesAConnectionDuringTheUpdate) {
       std::this_thread::sleep_for(200us);
     }
   });
-  for (int i = 0; i < 3; ++i) ASSERT_OK(exec_update(vm));
+  for (int i = 0; i < 3; ++i) {
+    auto updated = live_update(vm, GetParam());
+    if (!updated) {
+      done = true;
+      prober.join();
+      FAIL() << updated.error().describe();
+    }
+  }
   done = true;
   prober.join();
   EXPECT_GT(attempts.load(), 10);
@@ -244,7 +278,13 @@ INSTANTIATE_TEST_SUITE_P(
                        "does not fit"},
         PrepareFailure{"ExecOfAMissingBinary", {{"mode", "exec"}, {"binary", "/nonexistent/vmm"}}, "/nonexistent/vmm"},
         PrepareFailure{"KexecWithoutKernelImage", {{"mode", "kexec"}, {"kernel", "/nonexistent/bzImage"}},
-                       "cannot open the kexec image '/nonexistent/bzImage'"}),
+                       "cannot open the kexec image '/nonexistent/bzImage'"},
+        PrepareFailure{"TransferToAMissingBinary", {{"mode", "transfer"}, {"binary", "/nonexistent/vmm"}},
+                       "cannot start the new vmm '/nonexistent/vmm'"},
+        PrepareFailure{"TransferTargetCannotBuildTheVm", {{"mode", "transfer"}, {"x-inject", "target-refuses"}},
+                       "refuses to build the VM"},
+        PrepareFailure{"TransferStateLargerThanItsMemfd", {{"mode", "transfer"}, {"x-inject", "state-too-large"}},
+                       "does not fit"}),
     [](const auto& info) { return std::string(info.param.name); });
 
 TEST(LiveUpdate, BadArgumentsAreRefusedWithoutTouchingTheGuest) {
@@ -253,7 +293,10 @@ TEST(LiveUpdate, BadArgumentsAreRefusedWithoutTouchingTheGuest) {
   for (const json& arguments : {json::object(), json{{"mode", "teleport"}}, json{{"mode", 7}},
                                 json{{"mode", "exec"}, {"kernel", "/boot/vmlinuz"}},
                                 json{{"mode", "kexec"}}, json{{"mode", "exec"}, {"x-inject", "gremlins"}},
-                                json{{"mode", "exec"}, {"speed", "fast"}}}) {
+                                json{{"mode", "exec"}, {"speed", "fast"}},
+                                json{{"mode", "transfer"}, {"kernel", "/boot/vmlinuz"}},
+                                json{{"mode", "transfer"}, {"x-inject", "wrong-token"}},
+                                json{{"mode", "exec"}, {"x-inject", "target-crash"}}}) {
     auto reply = ASSERT_OK(vm.client().execute("live-update", arguments));
     ASSERT_FALSE(reply.has_value()) << arguments.dump();
     EXPECT_EQ(reply.error().error_class, "GenericError");
@@ -316,13 +359,61 @@ INSTANTIATE_TEST_SUITE_P(Injected, FailureDuringRestore,
                            return name;
                          });
 
-TEST(LiveUpdate, PausedVmStaysPausedThroughARollback) {
+struct TransferFailure {
+  const char* fault;
+  const char* expected;  // names the cause in the error
+};
+void PrintTo(const TransferFailure& f, std::ostream* out) { *out << f.fault; }
+
+class TransferFailsAfterThePause : public ::testing::TestWithParam<TransferFailure> {};
+
+// The new process fails, or dies, after the old one paused the guest and
+// sent the state: before "commit" it never ran the guest, so the old vmm
+// resumes its own VM, answers the client, and the next transfer works.
+TEST_P(TransferFailsAfterThePause, TheOldVmmResumesItsVm) {
+  REQUIRE_KVM();
+  auto vm = ASSERT_OK(VmmProcess::launch({"--vcpus", "2"}));
+  ASSERT_OK(wait_stamped(vm));
+  const auto identities = region_identities(vm);
+  const uint64_t heartbeat = heartbeat_of(ASSERT_OK(vm.command("query-guest")));
+  const pid_t old_pid = vm.pid();
+
+  auto reply = ASSERT_OK(vm.client().execute("live-update", {{"mode", "transfer"}, {"x-inject", GetParam().fault}}));
+  ASSERT_FALSE(reply.has_value()) << "the update must fail";
+  const std::string& desc = reply.error().desc;
+  EXPECT_NE(desc.find("failed during handover"), std::string::npos) << desc;
+  EXPECT_NE(desc.find(GetParam().expected), std::string::npos) << desc;
+  EXPECT_NE(desc.find("memory is intact"), std::string::npos) << desc;
+  EXPECT_EQ(vm.pid(), old_pid);
+  EXPECT_EQ(ASSERT_OK(vm.command("query-status"))["status"], "running");
+  EXPECT_EQ(region_identities(vm), identities);
+  auto record = ASSERT_OK(vm.command("query-live-update"));
+  EXPECT_EQ(record["status"], "failed");
+  EXPECT_EQ(record["generation"], 0);
+  expect_guest_carries_on(vm, heartbeat, 2);
+
+  auto retried = ASSERT_OK(live_update(vm, "transfer"));
+  EXPECT_EQ(retried["generation"], 1);
+  EXPECT_EQ(region_identities(vm), identities);
+  expect_guest_carries_on(vm, heartbeat, 2);
+}
+
+INSTANTIATE_TEST_SUITE_P(Injected, TransferFailsAfterThePause,
+                         ::testing::Values(TransferFailure{"corrupt-state", "checksum"},
+                                           TransferFailure{"target-crash", "exited before sending 'commit'"}),
+                         [](const auto& info) {
+                           std::string name = info.param.fault;
+                           std::ranges::replace(name, '-', '_');
+                           return name;
+                         });
+
+TEST_P(EveryMode, PausedVmStaysPausedThroughARollback) {
   REQUIRE_KVM();
   auto vm = ASSERT_OK(VmmProcess::launch({}));
   ASSERT_OK(wait_stamped(vm));
   ASSERT_OK(vm.command("stop"));
   const auto hash_before = ASSERT_OK(vm.command("query-memory-hash"));
-  auto reply = ASSERT_OK(vm.client().execute("live-update", {{"mode", "exec"}, {"x-inject", "corrupt-state"}}));
+  auto reply = ASSERT_OK(vm.client().execute("live-update", {{"mode", GetParam()}, {"x-inject", "corrupt-state"}}));
   ASSERT_FALSE(reply.has_value());
   EXPECT_EQ(ASSERT_OK(vm.command("query-status"))["status"], "paused");
   EXPECT_EQ(ASSERT_OK(vm.command("query-memory-hash")), hash_before);

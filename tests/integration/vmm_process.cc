@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -85,6 +86,9 @@ bool kvm_available(std::string* why) {
 }
 
 Result<VmmProcess> VmmProcess::launch(std::vector<std::string> args, std::chrono::milliseconds timeout) {
+  // A vmm that hands its VM to a new process (transfer live update) exits;
+  // its successor is then reparented here, where follow() can reap it.
+  ::prctl(PR_SET_CHILD_SUBREAPER, 1);
   VmmProcess process;
   process.dir_ = make_temp_dir();
   if (process.dir_.empty()) return fail_errno("mkdtemp");
@@ -170,6 +174,19 @@ std::optional<ExitStatus> VmmProcess::wait_exit(std::chrono::milliseconds timeou
   auto status = wait_pid(pid_, timeout);
   if (status) reaped_ = true;
   return status;
+}
+
+Result<void> VmmProcess::follow(pid_t successor, std::chrono::milliseconds timeout) {
+  if (successor <= 0) return fail("no successor pid");
+  if (successor == pid_) return {};
+  if (reaped_) return fail("the vmm already exited");
+  auto status = wait_pid(pid_, timeout);
+  if (!status) return fail("the old vmm (pid " + std::to_string(pid_) + ") did not exit after handing over its VM");
+  if (!status->exited || status->code != 0)
+    return fail("the old vmm ended with " + std::string(status->exited ? "exit code " : "signal ") +
+                std::to_string(status->code) + " after handing over its VM: " + stderr_text());
+  pid_ = successor;
+  return {};
 }
 
 void VmmProcess::signal(int signo) const {

@@ -64,6 +64,11 @@ class VmmProcess {
                                                const nlohmann::json& arguments = nlohmann::json::object());
 
   [[nodiscard]] std::optional<ExitStatus> wait_exit(std::chrono::milliseconds timeout);
+  // After a transfer live update the VM runs in `successor`, which the old
+  // vmm started: waits for the old process to exit (it must exit 0) and
+  // tracks the new one from then on (this test process is a child
+  // subreaper, so the orphaned successor becomes its child).
+  [[nodiscard]] Result<void> follow(pid_t successor, std::chrono::milliseconds timeout = std::chrono::seconds(20));
   void signal(int signo) const;
   [[nodiscard]] pid_t pid() const { return pid_; }
   [[nodiscard]] const std::string& socket_path() const { return socket_; }
