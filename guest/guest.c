@@ -3,12 +3,15 @@
  * Each vCPU owns a slice of the "stampable" pages (all RAM pages at or above
  * the end of the image, in address order). Paced by its LAPIC timer tick, it
  * first stamps its slice within a per-tick TSC budget, then keeps dirtying it,
- * and verifies it on request. vCPU 0 also publishes the heartbeat.
+ * and verifies it on request. vCPU 0 also publishes the heartbeat and, with
+ * sweep-ms=N, times a read of every stampable page every N ms (the sweep).
  *
  * All state lives in guest RAM (.bss or the shared region), never only in
  * registers across ticks: the VMM may save the VM at any instruction and
  * resume it elsewhere. TSC values only bound work within one tick, so a TSC
- * that jumps (either way) across a save/restore just ends a chunk early. */
+ * that jumps (either way) across a save/restore just ends a chunk early. The
+ * sweep alone times across ticks: a jump there makes a pass due at once and
+ * its published span wrong (a backwards one shows as end < start). */
 
 #include <stddef.h>
 #include <stdint.h>
@@ -47,6 +50,11 @@ _Static_assert(GUEST_MAX_CPUS == VMM_GUEST_MAX_VCPUS, "layout.h and protocol.h d
 #define DEFAULT_TICK_US 1000
 #define DEFAULT_DIRTY_PAGES 16
 #define DEFAULT_BUDGET_PERCENT 60
+/* The sweep's share of vCPU 0's per-tick budget while a pass is due or in
+ * progress; console output, dirtying and verification share the rest. Fixed,
+ * so that a pass's duration scales only with what its page reads cost. */
+#define SWEEP_BUDGET_PERCENT 50
+#define SWEEP_MS_MAX 3600000 /* an hour: keeps ms * kHz far from overflowing */
 
 extern char __image_end[];
 extern char ring0_stacks[];
@@ -71,6 +79,9 @@ struct guest_config {
   uint64_t verify_every;
   uint64_t budget_percent;
   uint64_t budget_cycles;
+  uint64_t sweep_ms;
+  uint64_t sweep_period_cycles;
+  uint64_t sweep_quantum_cycles; /* per tick, while a pass is due or in progress */
   uint64_t heartbeats_per_log;
   uint64_t ram_bytes;
   uint64_t pages_total;
@@ -123,6 +134,21 @@ static uint64_t heartbeat_last_tsc;
 static uint64_t heartbeat_max_gap; /* TSC cycles, since the last heartbeat line */
 static uint64_t stamp_done_tsc;
 static uint64_t exit_requested;
+
+/* The sweep (vCPU 0 only): passes over all stampable pages, reading word 0. */
+struct sweep_state {
+  uint64_t active;    /* a pass is in progress */
+  uint64_t passes;    /* completed (as published in sweep_passes) */
+  uint64_t start_tsc; /* of the pass in progress, else of the latest one */
+  uint64_t range;     /* the next page to read: config.ranges[range], page `offset` */
+  uint64_t offset;
+  uint64_t mismatches; /* pages of this pass whose word 0 was not their stamp */
+  uint64_t first_mismatch_gpa;
+  uint64_t last_cycles;     /* duration of the latest pass */
+  uint64_t slowest_cycles;  /* of the passes since the last log line */
+  uint64_t passes_at_log;
+};
+static struct sweep_state sweep;
 
 /* ------------------------------------------------------------------------ */
 
@@ -181,6 +207,7 @@ static void parse_option(const char *token, size_t length) {
       {"exit-after", &config.exit_after},
       {"verify-every", &config.verify_every},
       {"budget-percent", &config.budget_percent},
+      {"sweep-ms", &config.sweep_ms},
   };
   for (size_t i = 0; i < sizeof(options) / sizeof(options[0]); i++) {
     size_t key_length = string_length(options[i].key);
@@ -291,11 +318,15 @@ static void select_shared_region(int shared_listed) {
     console_printf("test-guest: shared region has protocol version %u, want %u: ignoring it\n",
                    candidate->version, VMM_GUEST_PROTOCOL_VERSION);
   }
-  local_shared.magic = VMM_GUEST_MAGIC;
+  /* The guest fills the config part itself (tsc_khz once measured), magic
+   * last: a tool that finds the magic in guest RAM (QEMU's memory dump, say)
+   * then finds the rest of the structure valid. */
   local_shared.version = VMM_GUEST_PROTOCOL_VERSION;
   local_shared.nr_vcpus = 1;
   local_shared.seed = vmm_guest_mix(rdtsc());
   local_shared.shared_size = sizeof(local_shared);
+  compiler_barrier();
+  local_shared.magic = VMM_GUEST_MAGIC;
   config.shared = &local_shared;
   config.nr_vcpus = 1;
   config.seed = local_shared.seed;
@@ -353,6 +384,11 @@ static void configure(const struct hvm_start_info *start_info) {
   /* 32-bit LAPIC initial count: at most ~4.29 s. */
   config.tick_us = clamp(config.tick_us, 20, 4000000);
   config.budget_percent = clamp(config.budget_percent, 1, 95);
+  if (config.sweep_ms > SWEEP_MS_MAX) config.sweep_ms = SWEEP_MS_MAX;
+  if (config.sweep_ms != 0 && config.pages_total == 0) {
+    console_printf("test-guest: no stampable RAM: nothing to sweep\n");
+    config.sweep_ms = 0;
+  }
   config.heartbeats_per_log = 1000000 / config.tick_us;
   if (config.heartbeats_per_log == 0) config.heartbeats_per_log = 1;
 }
@@ -363,9 +399,14 @@ static void determine_tsc_khz(void) {
   } else {
     config.tsc_khz = tsc_khz_from_lapic_timer();
     config.tsc_khz_source = "LAPIC timer";
+    /* Our own structure: readers need it to turn its TSC values into time. */
+    config.shared->tsc_khz = config.tsc_khz;
   }
   config.budget_cycles = config.tsc_khz * config.tick_us / 1000 * config.budget_percent / 100;
   if (config.budget_cycles == 0) config.budget_cycles = 1;
+  config.sweep_period_cycles = config.sweep_ms * config.tsc_khz;
+  config.sweep_quantum_cycles = config.budget_cycles * SWEEP_BUDGET_PERCENT / 100;
+  if (config.sweep_quantum_cycles == 0) config.sweep_quantum_cycles = 1;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -379,19 +420,19 @@ static uint64_t page_gpa(uint64_t index) {
   return UINT64_MAX; /* callers stay below pages_total */
 }
 
-static int budget_spent(uint64_t start_tsc) {
-  return rdtsc() - start_tsc >= config.budget_cycles;
+static int budget_spent(uint64_t deadline_tsc) {
+  return rdtsc() >= deadline_tsc;
 }
 
 /* Word 0 = stamp; word 1 = 0 ("not dirtied yet": RAM need not start zeroed). */
-static void stamp_some(struct vcpu_state *state, uint64_t start_tsc) {
+static void stamp_some(struct vcpu_state *state, uint64_t deadline_tsc) {
   while (state->pages_stamped < state->slice_pages) {
     uint64_t gpa = page_gpa(state->slice_first_page + state->pages_stamped);
     volatile uint64_t *page = (volatile uint64_t *)(uintptr_t)gpa;
     page[0] = vmm_guest_page_stamp(gpa, config.seed);
     page[1] = 0;
     state->pages_stamped++;
-    if (budget_spent(start_tsc)) break;
+    if (budget_spent(deadline_tsc)) break;
   }
   if (state->pages_stamped == state->slice_pages) {
     state->stamp_done_tsc = rdtsc();
@@ -401,7 +442,7 @@ static void stamp_some(struct vcpu_state *state, uint64_t start_tsc) {
   }
 }
 
-static void dirty_some(struct vcpu_state *state, uint64_t start_tsc) {
+static void dirty_some(struct vcpu_state *state, uint64_t deadline_tsc) {
   if (state->slice_pages == 0) return;
   for (uint64_t i = 0; i < config.dirty_pages_per_tick; i++) {
     uint64_t gpa = page_gpa(state->slice_first_page + state->cursor);
@@ -411,7 +452,7 @@ static void dirty_some(struct vcpu_state *state, uint64_t start_tsc) {
       state->cursor = 0;
       state->pass++;
     }
-    if (budget_spent(start_tsc)) break;
+    if (budget_spent(deadline_tsc)) break;
   }
 }
 
@@ -431,7 +472,7 @@ static void verify_begin(struct vcpu_state *state, enum verify_kind kind, uint64
 }
 
 /* Returns whether the whole slice has been checked. */
-static int verify_some(struct vcpu_state *state, uint64_t start_tsc) {
+static int verify_some(struct vcpu_state *state, uint64_t deadline_tsc) {
   while (state->verify_position < state->slice_pages) {
     uint64_t position = state->verify_position;
     uint64_t gpa = page_gpa(state->slice_first_page + position);
@@ -449,7 +490,7 @@ static int verify_some(struct vcpu_state *state, uint64_t start_tsc) {
       }
     }
     state->verify_position++;
-    if (budget_spent(start_tsc)) break;
+    if (budget_spent(deadline_tsc)) break;
   }
   return state->verify_position == state->slice_pages;
 }
@@ -480,9 +521,9 @@ static void verify_finish(uint64_t cpu, struct vcpu_state *state) {
   state->verify_kind = VERIFY_NONE;
 }
 
-static void do_work(uint64_t cpu, struct vcpu_state *state, uint64_t start_tsc) {
+static void do_work(uint64_t cpu, struct vcpu_state *state, uint64_t deadline_tsc) {
   if (state->pass == 0) {
-    stamp_some(state, start_tsc);
+    stamp_some(state, deadline_tsc);
     return;
   }
   if (state->verify_kind == VERIFY_NONE) {
@@ -496,10 +537,10 @@ static void do_work(uint64_t cpu, struct vcpu_state *state, uint64_t start_tsc) 
     }
   }
   if (state->verify_kind != VERIFY_NONE) {
-    if (verify_some(state, start_tsc)) verify_finish(cpu, state);
+    if (verify_some(state, deadline_tsc)) verify_finish(cpu, state);
     return;
   }
-  dirty_some(state, start_tsc);
+  dirty_some(state, deadline_tsc);
 }
 
 static void publish_vcpu_status(uint64_t cpu, const struct vcpu_state *state) {
@@ -566,6 +607,86 @@ static void update_global_status(void) {
   shared->boot_tsc = config.boot_tsc;
   shared->stamp_done_tsc = stamp_done_tsc;
   shared->phase = stamp_done_tsc ? VMM_GUEST_PHASE_RUNNING : VMM_GUEST_PHASE_STAMPING;
+  shared->sweep_ms = config.sweep_ms;
+}
+
+/* ------------------------------------------------------------------------ */
+/* vCPU 0: the sweep. Each pass reads word 0 of every stampable page (all
+ * slices) in address order and checks it against the stamp (which never
+ * changes once stamping is done, so the check is exact; guest-verify remains
+ * the check of record). It writes nothing to those pages. Its span, from the
+ * first read to the last, is published in the sweep ring. The pass runs in
+ * chunks of a fixed TSC quantum per tick, so its duration is the number of
+ * quanta its page reads (and their faults) take, times the tick. */
+
+/* Whether vCPU 0 owes the sweep a quantum in this tick. */
+static int sweep_due(uint64_t now) {
+  if (config.sweep_ms == 0 || stamp_done_tsc == 0) return 0;
+  if (sweep.active || sweep.passes == 0) return 1;
+  /* Every period from the previous start; at once if that pass overran it.
+   * A TSC that went backwards (a restore elsewhere) restarts the schedule. */
+  return now < sweep.start_tsc || now - sweep.start_tsc >= config.sweep_period_cycles;
+}
+
+static void sweep_finish(uint64_t end_tsc) {
+  volatile struct vmm_guest_shared *shared = config.shared;
+  const uint64_t number = sweep.passes + 1;
+  volatile struct vmm_guest_sweep *slot = &shared->sweep_ring[(number - 1) % VMM_GUEST_SWEEP_RING];
+  slot->start_tsc = sweep.start_tsc;
+  slot->end_tsc = end_tsc;
+  compiler_barrier();
+  shared->sweep_passes = number;
+  sweep.passes = number;
+  sweep.active = 0;
+  sweep.last_cycles = end_tsc > sweep.start_tsc ? end_tsc - sweep.start_tsc : 0;
+  if (sweep.last_cycles > sweep.slowest_cycles) sweep.slowest_cycles = sweep.last_cycles;
+  if (number == 1)
+    console_printf("test-guest: sweep pass 1: %lu pages in %lu us\n", config.pages_total,
+                   tsc_to_us(sweep.last_cycles));
+  if (sweep.mismatches != 0)
+    console_printf("test-guest: sweep pass %lu: %lu pages with a wrong stamp, the first at "
+                   "gpa 0x%lx\n",
+                   number, sweep.mismatches, sweep.first_mismatch_gpa);
+}
+
+/* Reads pages for one quantum, starting and finishing passes as they fall due. */
+static void sweep_some(void) {
+  uint64_t now = rdtsc();
+  const uint64_t deadline = now + config.sweep_quantum_cycles;
+  while (sweep_due(now)) {
+    if (!sweep.active) {
+      sweep.active = 1;
+      sweep.start_tsc = now;
+      sweep.range = 0;
+      sweep.offset = 0;
+      sweep.mismatches = 0;
+    }
+    for (;;) {
+      const struct ram_range *range = &config.ranges[sweep.range];
+      const uint64_t gpa = range->gpa + sweep.offset * PAGE_SIZE;
+      const uint64_t word = *(const volatile uint64_t *)(uintptr_t)gpa;
+      if (word != vmm_guest_page_stamp(gpa, config.seed) && sweep.mismatches++ == 0)
+        sweep.first_mismatch_gpa = gpa;
+      now = rdtsc();
+      if (++sweep.offset == range->pages) {
+        sweep.offset = 0;
+        if (++sweep.range == config.nr_ranges) break;
+      }
+      if (now >= deadline) return;
+    }
+    sweep_finish(now);
+    if (now >= deadline) return;
+  }
+}
+
+static void log_sweep(void) {
+  if (config.sweep_ms == 0 || sweep.passes == sweep.passes_at_log) return;
+  console_printf("test-guest: sweep: %lu passes, %lu since the last line, the latest %lu us, "
+                 "the slowest of those %lu us\n",
+                 sweep.passes, sweep.passes - sweep.passes_at_log, tsc_to_us(sweep.last_cycles),
+                 tsc_to_us(sweep.slowest_cycles));
+  sweep.passes_at_log = sweep.passes;
+  sweep.slowest_cycles = 0;
 }
 
 static void log_heartbeat(void) {
@@ -580,6 +701,7 @@ static void log_heartbeat(void) {
                  config.pages_total, tsc_to_us(heartbeat_max_gap), *cpu_tick_counter(0),
                  state->pass, state->pages_dirtied);
   heartbeat_max_gap = 0;
+  log_sweep();
 }
 
 static void exit_if_due(void) {
@@ -611,9 +733,16 @@ static void __attribute__((noreturn)) run(uint64_t cpu) {
     uint64_t seen = *ticks;
     if (cpu == 0) publish_heartbeat();
     uint64_t start_tsc = rdtsc();
-    /* Console output may take up to half of the budget, the work the rest. */
-    console_drain(start_tsc + config.budget_cycles / 2);
-    do_work(cpu, state, start_tsc);
+    /* While vCPU 0 sweeps, the sweep's quantum comes off its budget. Of what
+     * is left, console output may take up to half, the work the rest. */
+    const int sweeping = cpu == 0 && sweep_due(start_tsc);
+    const uint64_t budget =
+        config.budget_cycles - (sweeping ? config.sweep_quantum_cycles : 0);
+    console_drain(start_tsc + budget / 2);
+    do_work(cpu, state, start_tsc + budget);
+    /* Last, with a quantum timed from its own start: whatever the console
+     * and the work took, each chunk of a pass gets the same time. */
+    if (sweeping) sweep_some();
     publish_vcpu_status(cpu, state);
     if (cpu == 0) {
       update_global_status();
@@ -639,13 +768,18 @@ void __attribute__((noreturn)) guest_main(uint64_t cpu, const struct hvm_start_i
     configure(start_info);
     lapic_start_timer();
     determine_tsc_khz();
-    console_printf("test-guest: boot: %lu vCPUs, RAM %lu MiB, seed 0x%lx, shared region %s\n",
+    console_printf("test-guest: boot: %lu vCPUs, RAM %lu MiB, seed 0x%lx, shared region %s 0x%lx\n",
                    config.nr_vcpus, config.ram_bytes >> 20, config.seed,
-                   config.shared_from_vmm ? "from the VMM" : "local");
+                   config.shared_from_vmm ? "from the VMM at" : "local at",
+                   (uint64_t)(uintptr_t)config.shared);
     console_printf("test-guest: config: %lu stampable pages, tick %lu us, %lu dirty pages/tick, "
                    "TSC %lu kHz (%s)\n",
                    config.pages_total, config.tick_us, config.dirty_pages_per_tick, config.tsc_khz,
                    config.tsc_khz_source);
+    if (config.sweep_ms != 0)
+      console_printf("test-guest: sweep: every %lu ms once stamped, vcpu 0 reads every stampable "
+                     "page for up to %lu us per tick\n",
+                     config.sweep_ms, tsc_to_us(config.sweep_quantum_cycles));
     update_global_status();
     __atomic_store_n(&config_ready, 1, __ATOMIC_RELEASE);
   } else {

@@ -3,10 +3,17 @@
  * The shared region is a memfd-backed memslot at VMM_GUEST_SHARED_GPA, listed
  * in the PVH memory map as reserved. The VMM fills the "config" part before
  * the first vCPU runs. Without it (e.g. under QEMU) the guest keeps the same
- * structure in its own .bss and runs with one vCPU and a seed from the TSC.
+ * structure in its own .bss and runs with one vCPU and a seed from the TSC;
+ * it then fills in the config part itself, magic last, so that a tool reading
+ * guest RAM finds the structure at an 8-byte aligned VMM_GUEST_MAGIC followed
+ * by this version and shared_size == sizeof(struct vmm_guest_shared).
  *
  * Ordering: x86 is TSO; each writer fills the data and then bumps the
- * sequence number that publishes it (heartbeat, verify_seq).
+ * sequence number that publishes it (heartbeat, verify_seq, sweep_passes).
+ *
+ * Fields are only ever appended (the sweep fields after vcpu[]), so the
+ * version stays 1: a reader of the older, shorter layout is unaffected, and
+ * an older guest leaves the appended fields 0 ("no sweep").
  *
  * This header is C (the guest is freestanding C) and C++ (the VMM). */
 #ifndef VMM_GUEST_PROTOCOL_H
@@ -19,6 +26,7 @@
 #define VMM_GUEST_PROTOCOL_VERSION 1u
 #define VMM_GUEST_MAX_VCPUS 32u
 #define VMM_GUEST_HEARTBEAT_RING 256u
+#define VMM_GUEST_SWEEP_RING 64u
 /* isa-debug-exit compatible: the guest writes a byte here to shut down. */
 #define VMM_GUEST_EXIT_PORT 0xf4u
 
@@ -42,6 +50,13 @@ struct vmm_guest_vcpu {
   uint64_t verify_mismatches;
   uint64_t verify_first_mismatch_gpa; /* ~0 when none */
   uint64_t reserved[5];
+};
+
+/* One completed RAM sweep pass (sweep_ring). Defined out here, not inside
+ * vmm_guest_shared, so that C and C++ give it the same (global) name. */
+struct vmm_guest_sweep {
+  uint64_t start_tsc; /* when the pass read its first page */
+  uint64_t end_tsc;   /* after it read its last page */
 };
 
 struct vmm_guest_shared {
@@ -69,14 +84,28 @@ struct vmm_guest_shared {
   uint64_t heartbeat_ring_tsc[VMM_GUEST_HEARTBEAT_RING]; /* TSC of heartbeat n at [n % RING] */
 
   struct vmm_guest_vcpu vcpu[VMM_GUEST_MAX_VCPUS];
+
+  /* RAM sweep (guest option sweep-ms=N): vCPU 0 reads word 0 of every
+   * stampable page, one pass every N ms, and records each pass's TSC span.
+   * Written by vCPU 0. */
+  uint64_t sweep_ms;     /* the guest's sweep period (0: no sweep) */
+  uint64_t sweep_passes; /* completed passes; bumping it publishes the ring entry */
+  uint64_t sweep_reserved[6];
+  /* Pass n (from 1) at [(n - 1) % RING]. The slot of pass sweep_passes + 1
+   * (that of pass sweep_passes + 1 - RING) may be mid-rewrite. */
+  struct vmm_guest_sweep sweep_ring[VMM_GUEST_SWEEP_RING];
 };
 
 #ifdef __cplusplus
 static_assert(sizeof(struct vmm_guest_vcpu) == 128, "vmm_guest_vcpu layout");
-static_assert(sizeof(struct vmm_guest_shared) == 192 + 8 * 256 + 128 * 32, "shared layout");
+static_assert(sizeof(struct vmm_guest_sweep) == 16, "vmm_guest_sweep layout");
+static_assert(sizeof(struct vmm_guest_shared) == 192 + 8 * 256 + 128 * 32 + 64 + 16 * 64,
+              "shared layout");
 #else
 _Static_assert(sizeof(struct vmm_guest_vcpu) == 128, "vmm_guest_vcpu layout");
-_Static_assert(sizeof(struct vmm_guest_shared) == 192 + 8 * 256 + 128 * 32, "shared layout");
+_Static_assert(sizeof(struct vmm_guest_sweep) == 16, "vmm_guest_sweep layout");
+_Static_assert(sizeof(struct vmm_guest_shared) == 192 + 8 * 256 + 128 * 32 + 64 + 16 * 64,
+               "shared layout");
 #endif
 
 /* Page stamp: word 0 of every stampable page. Never changes after stamping. */

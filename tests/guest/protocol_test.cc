@@ -26,6 +26,23 @@ TEST(GuestProtocol, LayoutIsPinned) {
   EXPECT_EQ(offsetof(vmm_guest_vcpu, verify_first_mismatch_gpa), 80u);
 }
 
+// The sweep fields were appended after vcpu[]: everything before them keeps
+// its offset (checked above), so protocol version 1 still describes both.
+TEST(GuestProtocol, SweepFieldsFollowTheVcpus) {
+  constexpr size_t kVcpusEnd = 192u + 8 * VMM_GUEST_HEARTBEAT_RING + 128 * VMM_GUEST_MAX_VCPUS;
+  EXPECT_EQ(VMM_GUEST_SWEEP_RING, 64u);
+  EXPECT_EQ(offsetof(vmm_guest_shared, sweep_ms), kVcpusEnd);
+  EXPECT_EQ(offsetof(vmm_guest_shared, sweep_passes), kVcpusEnd + 8);
+  EXPECT_EQ(offsetof(vmm_guest_shared, sweep_reserved), kVcpusEnd + 16);
+  EXPECT_EQ(offsetof(vmm_guest_shared, sweep_ring), kVcpusEnd + 64);
+  EXPECT_EQ(sizeof(vmm_guest_sweep), 16u);
+  EXPECT_EQ(offsetof(vmm_guest_sweep, start_tsc), 0u);
+  EXPECT_EQ(offsetof(vmm_guest_sweep, end_tsc), 8u);
+  EXPECT_EQ(sizeof(vmm_guest_shared), kVcpusEnd + 64 + 16 * VMM_GUEST_SWEEP_RING);
+  EXPECT_EQ(sizeof(vmm_guest_shared), 7424u);
+  EXPECT_EQ(VMM_GUEST_PROTOCOL_VERSION, 1u);
+}
+
 TEST(GuestProtocol, StampsDifferPerPageAndSeed) {
   constexpr uint64_t kSeed = 0x0123456789abcdefULL;
   constexpr uint64_t kPages = 1 << 18;  // 1 GiB of 4 KiB pages
