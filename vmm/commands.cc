@@ -22,6 +22,23 @@ json verify_json(const devices::VerifyResult& result) {
   return out;
 }
 
+// The guest's RAM sweep (sweep-ms=N): the latest pass durations, oldest first.
+json sweep_json(const devices::TestGuestLink& guest, const devices::GuestStatus& status) {
+  constexpr uint64_t kRecentPasses = 8;
+  const uint64_t tsc_khz = guest.tsc_khz();
+  json recent = json::array();
+  if (status.sweep_passes > 0) {
+    const uint64_t after = status.sweep_passes > kRecentPasses ? status.sweep_passes - kRecentPasses : 0;
+    // The guest may have finished more since `status`: report the same passes.
+    for (const auto& pass : guest.sweeps_since(after))
+      if (pass.number <= status.sweep_passes) recent.push_back(devices::sweep_pass_us(pass, tsc_khz));
+  }
+  return {{"period_ms", guest.sweep_ms()},
+          {"passes", status.sweep_passes},
+          {"last_pass_us", status.last_sweep_us},
+          {"recent_pass_us", std::move(recent)}};
+}
+
 const char* phase_name(uint64_t phase) {
   switch (phase) {
     case VMM_GUEST_PHASE_BOOTING: return "booting";
@@ -173,6 +190,7 @@ control::CommandResult MachineCommands::query_guest() {
   out["vcpus"] = std::move(vcpus);
   if (auto last = guest.last_verify()) out["last_verify"] = verify_json(*last);
   else out["last_verify"] = nullptr;
+  out["sweep"] = sweep_json(guest, status);
   return out;
 }
 

@@ -163,5 +163,123 @@ TEST(TestGuestLink, LargestHeartbeatGapComesFromTheRing) {
   EXPECT_FALSE(link.largest_gap_since(10).has_value()) << "heartbeat 10 was overwritten in the ring";
 }
 
+// The guest side of a sweep: pass n goes to ring[(n - 1) % RING], then the
+// count that publishes it.
+void publish_sweeps(vmm_guest_shared* s, uint64_t up_to, uint64_t from = 1) {
+  for (uint64_t n = from; n <= up_to; ++n) {
+    s->sweep_ring[(n - 1) % VMM_GUEST_SWEEP_RING] = {n * 1000, n * 1000 + n};
+    s->sweep_passes = n;
+  }
+}
+
+TEST(TestGuestLink, SweepsSinceFiltersByNumber) {
+  SharedRegion region;
+  TestGuestLink link(region.data(), SharedRegion::kSize);
+  link.configure(1, 1, 1000);  // 1 MHz: 1 cycle = 1 us
+  auto* s = region.shared();
+  EXPECT_EQ(link.sweep_passes(), 0u);
+  EXPECT_TRUE(link.sweeps_since(0).empty()) << "no pass yet";
+  EXPECT_EQ(link.status().sweep_passes, 0u);
+  EXPECT_EQ(link.status().last_sweep_us, 0u);
+
+  s->sweep_ms = 20;
+  publish_sweeps(s, 5);
+  EXPECT_EQ(link.sweep_ms(), 20u);
+  EXPECT_EQ(link.sweep_passes(), 5u);
+  auto all = link.sweeps_since(0);
+  ASSERT_EQ(all.size(), 5u);
+  for (uint64_t i = 0; i < 5; ++i) {
+    EXPECT_EQ(all[i].number, i + 1) << "oldest first";
+    EXPECT_EQ(all[i].start_tsc, (i + 1) * 1000);
+    EXPECT_EQ(all[i].end_tsc, (i + 1) * 1001);
+  }
+  auto newer = link.sweeps_since(3);
+  ASSERT_EQ(newer.size(), 2u);
+  EXPECT_EQ(newer[0].number, 4u);
+  EXPECT_EQ(newer[1].number, 5u);
+  EXPECT_TRUE(link.sweeps_since(5).empty());
+  EXPECT_TRUE(link.sweeps_since(100).empty());
+  const auto status = link.status();
+  EXPECT_EQ(status.sweep_passes, 5u);
+  EXPECT_EQ(status.last_sweep_us, 5u) << "pass 5 spans 5 cycles at 1 MHz";
+}
+
+TEST(TestGuestLink, SweepsSinceKeepsOnlyWhatTheWrappedRingStillHolds) {
+  SharedRegion region;
+  TestGuestLink link(region.data(), SharedRegion::kSize);
+  link.configure(1, 1, 1000);
+  auto* s = region.shared();
+  constexpr uint64_t kRing = VMM_GUEST_SWEEP_RING;
+  publish_sweeps(s, 3 * kRing + 10);
+  const uint64_t latest = 3 * kRing + 10;
+
+  // The slot of the next pass (latest + 1) is the one a guest may be
+  // rewriting: the oldest pass returned is latest + 2 - RING.
+  auto all = link.sweeps_since(0);
+  ASSERT_EQ(all.size(), kRing - 1);
+  EXPECT_EQ(all.front().number, latest + 2 - kRing);
+  EXPECT_EQ(all.back().number, latest);
+  for (size_t i = 0; i < all.size(); ++i) {
+    const uint64_t n = all.front().number + i;
+    EXPECT_EQ(all[i].number, n);
+    EXPECT_EQ(all[i].start_tsc, n * 1000) << "pass " << n << " read from its own slot";
+    EXPECT_EQ(all[i].end_tsc, n * 1001);
+  }
+  // Asking from inside the ring: exactly the newer passes.
+  auto recent = link.sweeps_since(latest - 8);
+  ASSERT_EQ(recent.size(), 8u);
+  EXPECT_EQ(recent.front().number, latest - 7);
+  EXPECT_EQ(recent.back().number, latest);
+  EXPECT_EQ(recent.back().end_tsc - recent.back().start_tsc, latest);
+  // Asking from before the oldest kept pass gets what is left, not garbage.
+  EXPECT_EQ(link.sweeps_since(latest - kRing - 5).front().number, latest + 2 - kRing);
+  EXPECT_EQ(link.status().last_sweep_us, latest);
+}
+
+TEST(TestGuestLink, SweepsSinceIsConsistentWhileTheGuestWrites) {
+  SharedRegion region;
+  TestGuestLink link(region.data(), SharedRegion::kSize);
+  link.configure(1, 1, 1000);
+  auto* s = region.shared();
+  std::atomic<bool> stop{false};
+  // A guest that keeps publishing passes as fast as it can, wrapping the ring
+  // many times while the VMM side reads.
+  std::thread guest([&] {
+    for (uint64_t n = 1; !stop; ++n) {
+      auto* slot = static_cast<volatile vmm_guest_sweep*>(&s->sweep_ring[(n - 1) % VMM_GUEST_SWEEP_RING]);
+      slot->start_tsc = n * 1000;
+      slot->end_tsc = n * 1001;
+      std::atomic_signal_fence(std::memory_order_seq_cst);
+      *static_cast<volatile uint64_t*>(&s->sweep_passes) = n;
+    }
+  });
+  uint64_t reads = 0, passes_seen = 0;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(200);
+  while (std::chrono::steady_clock::now() < deadline) {
+    const auto passes = link.sweeps_since(0);
+    ++reads;
+    for (size_t i = 0; i < passes.size(); ++i) {
+      const auto& pass = passes[i];
+      ASSERT_EQ(pass.start_tsc, pass.number * 1000) << "a torn or overwritten slot was returned";
+      ASSERT_EQ(pass.end_tsc, pass.number * 1001);
+      if (i > 0) {
+        ASSERT_EQ(pass.number, passes[i - 1].number + 1);
+      }
+    }
+    passes_seen += passes.size();
+  }
+  stop = true;
+  guest.join();
+  EXPECT_GT(reads, 0u);
+  EXPECT_GT(passes_seen, 0u);
+  EXPECT_GT(link.sweep_passes(), uint64_t{VMM_GUEST_SWEEP_RING}) << "the ring wrapped";
+}
+
+TEST(TestGuestLink, SweepDurationIsZeroForABackwardsTsc) {
+  EXPECT_EQ(sweep_pass_us({.number = 1, .start_tsc = 5000, .end_tsc = 2000}, 1000), 0u);
+  EXPECT_EQ(sweep_pass_us({.number = 1, .start_tsc = 2000, .end_tsc = 5000}, 0), 0u);
+  EXPECT_EQ(sweep_pass_us({.number = 1, .start_tsc = 0, .end_tsc = 3'000'000}, 3'000'000), 1000u);
+}
+
 }  // namespace
 }  // namespace vmm::devices

@@ -38,6 +38,16 @@ GuestStatus TestGuestLink::status() const {
     status.pages_dirtied += cpu.pages_dirtied;
     status.vcpus.push_back({cpu.ticks, cpu.pages_dirtied, cpu.pass, cpu.online != 0});
   }
+  const uint64_t passes = sweep_passes();
+  if (passes > 0) {
+    // The latest pass, or a newer one if the guest finished it meanwhile.
+    if (const auto recent = sweeps_since(passes - 1); !recent.empty()) {
+      status.sweep_passes = recent.back().number;
+      status.last_sweep_us = sweep_pass_us(recent.back(), shared_->tsc_khz);
+    } else {
+      status.sweep_passes = passes;
+    }
+  }
   return status;
 }
 
@@ -112,6 +122,35 @@ std::optional<HeartbeatGap> TestGuestLink::largest_gap_since(uint64_t since_hear
     }
   }
   return gap;
+}
+
+uint64_t TestGuestLink::sweep_passes() const { return holds_sweep() ? uint64_t{shared_->sweep_passes} : 0; }
+
+uint64_t TestGuestLink::sweep_ms() const { return holds_sweep() ? uint64_t{shared_->sweep_ms} : 0; }
+
+std::vector<SweepPass> TestGuestLink::sweeps_since(uint64_t after_number) const {
+  std::vector<SweepPass> passes;
+  if (!holds_sweep()) return passes;
+  const uint64_t latest = shared_->sweep_passes;
+  compiler_barrier();
+  if (latest <= after_number) return passes;
+  // Pass n sits at ring[(n - 1) % RING]. Copy first, check afterwards: the
+  // guest keeps sweeping while we read.
+  const uint64_t ring = VMM_GUEST_SWEEP_RING;
+  const uint64_t first = std::max(after_number + 1, latest >= ring ? latest - ring + 1 : 1);
+  for (uint64_t n = first; n <= latest; ++n) {
+    const volatile vmm_guest_sweep& slot = shared_->sweep_ring[(n - 1) % ring];
+    passes.push_back({n, slot.start_tsc, slot.end_tsc});
+  }
+  compiler_barrier();
+  // Once the guest has published pass `now`, it may be writing the slot of
+  // pass now + 1, which held pass now + 1 - RING; every slot it wrote since
+  // our first read held a pass numbered at most that. Keep the newer ones.
+  const uint64_t now = shared_->sweep_passes;
+  const uint64_t oldest_intact = now + 1 >= ring ? now + 2 - ring : 1;
+  // (A count that went down means the guest started over: trust none above it.)
+  std::erase_if(passes, [&](const SweepPass& pass) { return pass.number < oldest_intact || pass.number > now; });
+  return passes;
 }
 
 }  // namespace vmm::devices
