@@ -160,6 +160,55 @@ TEST_P(Shutdown, SignalShutsDownCleanly) {
 }
 INSTANTIATE_TEST_SUITE_P(Signals, Shutdown, ::testing::Values(SIGTERM, SIGINT));
 
+// sweep-ms=N: once stamped, vCPU 0 times a read of all of RAM every N ms;
+// query-guest reports the passes. Reads only: every page still verifies.
+TEST(Sweep, PassesAreTimedAndLeaveEveryPageIntact) {
+  REQUIRE_KVM();
+  auto vm = ASSERT_OK(VmmProcess::launch({"--memory", "256M", "--cmdline", "sweep-ms=20"}));
+  // Stamping 256 MiB takes a few seconds here (every first touch faults).
+  auto guest = ASSERT_OK(vm.wait_guest([](const json& g) { return g["sweep"]["passes"].get<uint64_t>() >= 3; }, 20s));
+  const json& sweep = guest["sweep"];
+  EXPECT_EQ(guest["phase"], "running") << "passes start once every page is stamped";
+  EXPECT_EQ(sweep["period_ms"].get<uint64_t>(), 20u);
+  const uint64_t passes = sweep["passes"].get<uint64_t>();
+  const auto& recent = sweep["recent_pass_us"];
+  ASSERT_TRUE(recent.is_array());
+  EXPECT_EQ(recent.size(), std::min<uint64_t>(passes, 8)) << sweep.dump();
+  // 65k page reads at a few hundred ns each, in quanta of a fraction of a
+  // 1 ms tick: from a few ms to some tens of ms; never 0, never seconds.
+  for (const auto& us : recent) {
+    EXPECT_GT(us.get<uint64_t>(), 500u) << sweep.dump();
+    EXPECT_LT(us.get<uint64_t>(), 2'000'000u) << sweep.dump();
+  }
+  EXPECT_EQ(sweep["last_pass_us"], recent.back()) << sweep.dump();
+
+  // The period holds: a pass starts at most every 20 ms.
+  const auto window_start = std::chrono::steady_clock::now();
+  std::this_thread::sleep_for(500ms);
+  auto later = ASSERT_OK(vm.command("query-guest"));
+  const auto window = std::chrono::steady_clock::now() - window_start;
+  const uint64_t more = later["sweep"]["passes"].get<uint64_t>() - passes;
+  EXPECT_GT(more, 0u) << later["sweep"].dump();
+  EXPECT_LE(more, static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::milliseconds>(window).count() / 20 + 2))
+      << later["sweep"].dump();
+
+  auto verified = ASSERT_OK(vm.command("guest-verify", {{"timeout", 30}}));
+  EXPECT_EQ(verified["mismatches"].get<uint64_t>(), 0u) << verified.dump();
+  EXPECT_EQ(verified["pages_checked"].get<uint64_t>(), later["pages_total"].get<uint64_t>());
+  EXPECT_EQ(vm.console().find("wrong stamp"), std::string::npos) << vm.console();
+}
+
+TEST(Sweep, OffWithoutTheOption) {
+  REQUIRE_KVM();
+  auto vm = ASSERT_OK(VmmProcess::launch({"--memory", "256M"}));
+  ASSERT_SUCCESS(vm.wait_guest([](const json& g) { return g["phase"] == "running"; }, 20s));
+  // Long enough for several passes, had there been a sweep.
+  std::this_thread::sleep_for(200ms);
+  auto guest = ASSERT_OK(vm.command("query-guest"));
+  EXPECT_EQ(guest["sweep"], (json{{"period_ms", 0}, {"passes", 0}, {"last_pass_us", 0},
+                                  {"recent_pass_us", json::array()}}));
+}
+
 TEST(GuestShutdown, GuestRequestEndsTheVmm) {
   REQUIRE_KVM();
   auto vm = ASSERT_OK(VmmProcess::launch({"--cmdline", "exit-after=20"}));
