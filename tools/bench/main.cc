@@ -147,21 +147,16 @@ int run_blackout(BlackoutOptions& options, const std::vector<std::string>& size_
   info.finished_at = timestamp("%Y-%m-%dT%H:%M:%SZ", true);
   info.duration_s = std::chrono::duration<double>(Clock::now() - started).count();
   write_outputs(options.out, info, options, results);
-  std::vector<std::string> plot_notes;
-  std::vector<std::string> plots;
-  if (auto drawn = draw_plots(options.out, options, results, plot_notes); drawn) {
-    plots = *drawn;
-  } else {
-    plot_notes.push_back("not drawn: " + drawn.error().describe());
-  }
-  if (auto written = write_summary(options.out + "/summary.md", info, options, results, plots, plot_notes); !written)
+  const Plots plots = draw_plots(options.out, options, results);
+  if (auto written = write_summary(options.out + "/summary.md", info, options, results, plots); !written)
     fmt::print(stderr, "vmm-bench: {}\n", written.error().describe());
-  for (const auto& note : plot_notes) fmt::print(stderr, "vmm-bench: plot {}\n", note);
+  for (const auto& note : plots.notes) fmt::print(stderr, "vmm-bench: plot {}\n", note);
 
-  const bool failed = results.failed() || plots.size() < 3;
+  const bool failed = results.failed() || plots.failed;
   fmt::print(stderr, "vmm-bench blackout: {} after {:.1f} min; {}/summary.md, samples.csv, samples.json{}\n",
              info.interrupted ? "INTERRUPTED" : failed ? "done, with FAILURES (see summary.md)" : "done",
-             info.duration_s / 60, options.out, plots.empty() ? "" : fmt::format(", {}", fmt::join(plots, ", ")));
+             info.duration_s / 60, options.out,
+             plots.drawn.empty() ? "" : fmt::format(", {}", fmt::join(plots.drawn, ", ")));
   if (info.interrupted) return 130;
   return failed ? 1 : 0;
 }

@@ -178,7 +178,9 @@ Result<void> handover(RunContext& context, Chain& chain, const Paths& paths, con
   // cap so the copy path runs as fast as this machine copies.
   VMM_TRY(chain.qemu->command("migrate-set-parameters", {{"max-bandwidth", int64_t{1} << 40}}));
   const std::string socket_uri = fmt::format("unix:{}/migrate{}.sock", paths.directory, index);
-  const std::string state_file = fmt::format("{}/state{}", paths.directory, index);
+  // Removed when this handover is over, not before: dropping GiBs of page
+  // cache takes a core for a while, which would blur the gap and brown-out.
+  OwnedFile state_file(fmt::format("{}/state{}", paths.directory, index));
   if (shared) VMM_TRY(next.command("migrate-incoming", {{"uri", socket_uri}}));
 
   // --- the blackout ---
@@ -199,7 +201,7 @@ Result<void> handover(RunContext& context, Chain& chain, const Paths& paths, con
     VMM_TRY(next.wait_migration(migration_timeout));
     phase_done("migrate");
   } else {
-    VMM_TRY(chain.qemu->command("migrate", {{"uri", "exec:cat > " + state_file}}));
+    VMM_TRY(chain.qemu->command("migrate", {{"uri", "exec:cat > " + state_file.path()}}));
     VMM_TRY(chain.qemu->wait_migration(migration_timeout));
     phase_done("save");
     // The old process goes before the new one loads: two copies of an 8 GiB
@@ -211,7 +213,7 @@ Result<void> handover(RunContext& context, Chain& chain, const Paths& paths, con
     chain.qemu.reset();
     chain.ram->remove_now();
     phase_done("exit");
-    VMM_TRY(next.command("migrate-incoming", {{"uri", "exec:cat " + state_file}}));
+    VMM_TRY(next.command("migrate-incoming", {{"uri", "exec:cat " + state_file.path()}}));
     VMM_TRY(next.wait_migration(migration_timeout));
     phase_done("load");
   }
@@ -223,8 +225,6 @@ Result<void> handover(RunContext& context, Chain& chain, const Paths& paths, con
   sample.ok = true;
   // --- the guest runs again ---
 
-  std::error_code ignored;
-  if (!shared) std::filesystem::remove(state_file, ignored);
   if (!shared) {
     VMM_TRY_ASSIGN(view, GuestView::open(ram_path, size.bytes));
     view.use_offset(chain.struct_offset);

@@ -143,7 +143,7 @@ std::string ram_axis(const BlackoutOptions& options) {
   std::string text = "set logscale x 2\n";
   text += fmt::format("set xrange [{}:{}]\n", smallest / 1.6, largest * 1.6);
   text += fmt::format("set xtics ({})\n", fmt::join(ticks, ", "));
-  text += "set xlabel 'guest RAM'\nset grid\nset key top left\nset pointsize 1.3\n";
+  text += "set xlabel 'guest RAM'\nset grid\nset key below\nset pointsize 1.3\n";
   return text;
 }
 
@@ -226,11 +226,10 @@ std::string phases_plot(const std::string& out, const BlackoutOptions& options, 
   if (panels == 0) return "";
   std::string script = terminal(out, "phases.png", panels);
   script += data;
-  script += fmt::format("set multiplot layout 1,{} title 'Our blackout by phase (medians; prepare and finish run "
-                        "outside the blackout and are left out)'\n",
-                        panels);
+  // prepare runs before the pause and finish after the resume: not stacked.
+  script += fmt::format("set multiplot layout 1,{} title 'Our blackout by phase (medians)'\n", panels);
   script += "set style data histograms\nset style histogram rowstacked\nset style fill solid 0.85 border -1\n"
-            "set boxwidth 0.7\nset ylabel 'ms'\nset yrange [0:*]\nset grid ytics\nset key top left\n"
+            "set boxwidth 0.7\nset ylabel 'ms'\nset yrange [0:*]\nset grid ytics\nset key below\n"
             "set xtics rotate by -30\n";
   script += panels_text;
   script += "unset multiplot\n";
@@ -326,14 +325,18 @@ Result<void> write_samples_json(const std::string& path, const RunInfo& info, co
   return write_file(path, document.dump(2) + "\n");
 }
 
-Result<std::vector<std::string>> draw_plots(const std::string& out, const BlackoutOptions& options,
-                                            const RunResults& results, std::vector<std::string>& notes) {
-  std::vector<std::string> drawn;
+Plots draw_plots(const std::string& out, const BlackoutOptions& options, const RunResults& results) {
+  Plots plots;
   const std::string plots_dir = out + "/plots";
   std::error_code error;
   std::filesystem::create_directories(plots_dir, error);
-  if (error) return fail("cannot create " + plots_dir + ": " + error.message());
-  VMM_TRY_ASSIGN(gnuplot, find_program("gnuplot", "install gnuplot-nox, e.g. with tools/setup.sh"));
+  auto gnuplot = find_program("gnuplot", "install gnuplot-nox, e.g. with tools/setup.sh");
+  if (error || !gnuplot) {
+    plots.failed = true;
+    plots.notes.push_back("none drawn: " + (error ? "cannot create " + plots_dir + ": " + error.message()
+                                                  : gnuplot.error().describe()));
+    return plots;
+  }
   const std::vector<std::pair<std::string, std::string>> scripts{
       {"blackout.png",
        line_plot(out, "blackout.png", "Blackout per update (median)", "blackout (ms)", options, results, "blackout",
@@ -344,27 +347,32 @@ Result<std::vector<std::string>> draw_plots(const std::string& out, const Blacko
                  "brown-out (s)", options, results, "brownout", &Group::brownout, 1e6)}};
   for (const auto& [png, script] : scripts) {
     if (script.empty()) {
-      notes.push_back(png + ": nothing to plot (no measured values)");
+      plots.notes.push_back(png + ": nothing to plot (no measured values)");
       continue;
     }
     const std::string script_path = fmt::format("{}/{}.gp", plots_dir, png.substr(0, png.size() - 4));
-    VMM_TRY(write_file(script_path, script));
     const std::string log_path = script_path + ".log";
-    VMM_TRY_ASSIGN(process, ChildProcess::spawn({gnuplot, script_path}, log_path));
-    const auto status = process.wait_exit(60s);
-    if (!status || !status->exited || status->code != 0) {
-      notes.push_back(fmt::format("{}: gnuplot failed ({}): {}", png, status ? describe(*status) : "timed out",
-                                  tail(log_path, 5)));
+    auto written = write_file(script_path, script);
+    auto process = written ? ChildProcess::spawn({*gnuplot, script_path}, log_path)
+                           : Result<ChildProcess>(std::unexpected(written.error()));
+    std::optional<ExitStatus> status;
+    if (process) status = process->wait_exit(60s);
+    if (!process || !status || !status->exited || status->code != 0) {
+      plots.failed = true;
+      plots.notes.push_back(fmt::format("{}: not drawn: {}", png,
+                                        !process ? process.error().describe()
+                                                 : fmt::format("gnuplot {}: {}",
+                                                               status ? describe(*status) : "timed out",
+                                                               tail(log_path, 5))));
       continue;
     }
-    drawn.push_back(png);
+    plots.drawn.push_back(png);
   }
-  return drawn;
+  return plots;
 }
 
 Result<void> write_summary(const std::string& path, const RunInfo& info, const BlackoutOptions& options,
-                           const RunResults& results, const std::vector<std::string>& plots,
-                           const std::vector<std::string>& plot_notes) {
+                           const RunResults& results, const Plots& plots) {
   std::string md;
   const HostInfo& host = info.host;
   md += fmt::format("# vmm-bench blackout, {}\n\n", info.started_at);
@@ -399,11 +407,10 @@ Result<void> write_summary(const std::string& path, const RunInfo& info, const B
         const auto blackout = group.blackout();
         std::string n = blackout ? std::to_string(blackout->count) : "0";
         if (group.failed > 0) n += fmt::format(" ({} failed)", group.failed);
-        std::string ratios = "| |";
-        if (is_ours(system))
-          ratios = fmt::format("{} | {} |", ratio(blackout, shared.blackout()), ratio(blackout, file.blackout()));
-        md += fmt::format("| {} | {} | {} | {} | {} | {} | {} {}\n", size.label, vcpus, system, n,
-                          cells(blackout, in_ms), cells(group.guest_gap(), in_ms), cells(group.brownout(), in_s), ratios);
+        const bool ours = is_ours(system);
+        md += fmt::format("| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n", size.label, vcpus, system, n,
+                          cells(blackout, in_ms), cells(group.guest_gap(), in_ms), cells(group.brownout(), in_s),
+                          ours ? ratio(blackout, shared.blackout()) : "", ours ? ratio(blackout, file.blackout()) : "");
       }
     }
 
@@ -463,16 +470,16 @@ Result<void> write_summary(const std::string& path, const RunInfo& info, const B
   std::map<std::string, std::map<std::string, int>> notes;  // system -> note -> count
   for (const auto& sample : results.samples)
     if (sample.ok && !sample.notes.empty()) ++notes[sample.system][sample.notes];
-  if (!notes.empty() || !plot_notes.empty()) {
+  if (!notes.empty() || !plots.notes.empty()) {
     md += "\n## Notes\n\n";
     for (const auto& [system, counts] : notes)
       for (const auto& [note, count] : counts) md += fmt::format("- {} ({} update(s)): {}\n", system, count, note);
-    for (const auto& note : plot_notes) md += fmt::format("- plot {}\n", note);
+    for (const auto& note : plots.notes) md += fmt::format("- plot {}\n", note);
   }
 
-  if (!plots.empty()) {
+  if (!plots.drawn.empty()) {
     md += "\n## Plots\n\n";
-    for (const auto& png : plots) md += fmt::format("![{}]({})\n\n", png.substr(0, png.size() - 4), png);
+    for (const auto& png : plots.drawn) md += fmt::format("![{}]({})\n\n", png.substr(0, png.size() - 4), png);
   }
   return write_file(path, md);
 }

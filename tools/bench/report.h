@@ -25,13 +25,15 @@ struct RunInfo {
 Result<void> write_samples_csv(const std::string& path, const RunResults& results);
 Result<void> write_samples_json(const std::string& path, const RunInfo& info, const BlackoutOptions& options,
                                 const RunResults& results);
+struct Plots {
+  std::vector<std::string> drawn;  // PNG file names
+  std::vector<std::string> notes;  // plots left out, and why
+  bool failed = false;             // gnuplot missing or failing (no data is no failure)
+};
 // Draws blackout.png, phases.png and brownout.png into `out` (scripts and
-// data in out/plots/, so a plot can be redrawn or restyled by hand). Returns
-// the PNGs written and, in `notes`, the plots left out and why.
-Result<std::vector<std::string>> draw_plots(const std::string& out, const BlackoutOptions& options,
-                                            const RunResults& results, std::vector<std::string>& notes);
+// data in out/plots/, so a plot can be redrawn or restyled by hand).
+Plots draw_plots(const std::string& out, const BlackoutOptions& options, const RunResults& results);
 Result<void> write_summary(const std::string& path, const RunInfo& info, const BlackoutOptions& options,
-                           const RunResults& results, const std::vector<std::string>& plots,
-                           const std::vector<std::string>& plot_notes);
+                           const RunResults& results, const Plots& plots);
 
 }  // namespace bench
