@@ -6,6 +6,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <filesystem>
 
 #include <fmt/format.h>
@@ -100,6 +101,10 @@ json UpdateRecord::to_json() const {
   if (guest_gap_us) out["guest_gap_us"] = *guest_gap_us;
   if (error) out["error"] = *error;
   if (pid) out["pid"] = *pid;
+  if (brownout_status) out["brownout_status"] = *brownout_status;
+  if (brownout_us) out["brownout_us"] = *brownout_us;
+  if (baseline_pass_us) out["baseline_pass_us"] = *baseline_pass_us;
+  if (brownout_reason) out["brownout_reason"] = *brownout_reason;
   return out;
 }
 
@@ -153,6 +158,7 @@ LiveUpdate::LiveUpdate(Machine& machine, RelaunchOptions relaunch, UpdateRecord 
 LiveUpdate::~LiveUpdate() {
   stopping_ = true;
   if (gap_thread_.joinable()) gap_thread_.join();
+  if (brownout_thread_.joinable()) brownout_thread_.join();
 }
 
 json LiveUpdate::query() const {
@@ -514,15 +520,25 @@ void LiveUpdate::finish_record(UpdateRecord record) {
   record_ = std::move(record);
 }
 
-void LiveUpdate::watch_guest_gap(uint64_t heartbeat_at_save) {
-  gap_thread_ = std::thread([this, heartbeat_at_save] { measure_guest_gap(heartbeat_at_save); });
+void LiveUpdate::watch_after_resume(ResumePoint point) {
+  {
+    std::lock_guard lock(record_mutex_);
+    record_.brownout_status = "pending";
+  }
+  gap_thread_ = std::thread([this, point] { measure_guest_gap(point.heartbeat_at_save); });
+  brownout_thread_ = std::thread([this, point] { measure_brownout(point); });
 }
 
 void LiveUpdate::record_completed(UpdateRecord record) {
   record.pid = ::getpid();
   {
     std::lock_guard lock(record_mutex_);
-    record.guest_gap_us = record_.guest_gap_us;  // the gap may already be measured: keep it
+    // The watchers may already have measured: keep what they found.
+    record.guest_gap_us = record_.guest_gap_us;
+    record.brownout_status = record_.brownout_status;
+    record.brownout_us = record_.brownout_us;
+    record.baseline_pass_us = record_.baseline_pass_us;
+    record.brownout_reason = record_.brownout_reason;
     record_ = std::move(record);
   }
   machine_.emit_event("LIVE_UPDATE", query());
@@ -550,6 +566,67 @@ void LiveUpdate::measure_guest_gap(uint64_t heartbeat_at_save) {
     }
     std::this_thread::sleep_for(milliseconds(2));
   }
+}
+
+void LiveUpdate::set_brownout(std::string status, std::optional<int64_t> us, std::optional<std::string> reason) {
+  std::lock_guard lock(record_mutex_);
+  record_.brownout_status = std::move(status);
+  record_.brownout_us = us;
+  record_.brownout_reason = std::move(reason);
+  if (record_.brownout_reason) spdlog::info("live update: brown-out not measured: {}", *record_.brownout_reason);
+  if (record_.brownout_us) spdlog::info("live update: brown-out {} us", *record_.brownout_us);
+}
+
+// The brown-out: a rebuilt VM starts with empty (shadow) page tables, so the
+// guest re-faults every page it touches. The guest's sweep reads all of its
+// RAM once per pass and stamps each pass with its TSC. Baseline: the median
+// of the last (up to 8) passes that ended before the freeze. The brown-out
+// ends where the first pass that started after the resume runs within 1.25x
+// of that baseline; its resolution is the guest's sweep period.
+void LiveUpdate::measure_brownout(ResumePoint point) {
+  auto& guest = machine_.guest();
+  const uint64_t khz = guest.tsc_khz();
+  if (!guest.guest_speaks() || khz == 0)
+    return set_brownout("unavailable", std::nullopt, "the guest does not speak the test guest protocol");
+  if (guest.sweep_ms() == 0)
+    return set_brownout("unavailable", std::nullopt,
+                        "the guest does not sweep its RAM (boot the test guest with sweep-ms=N)");
+  if (!point.running)
+    return set_brownout("unavailable", std::nullopt, "the VM was paused across the update");
+  std::vector<uint64_t> before;
+  uint64_t last_seen = 0;
+  for (const auto& pass : guest.sweeps_since(0)) {
+    if (pass.end_tsc <= point.guest_tsc_at_save && pass.end_tsc > pass.start_tsc)
+      before.push_back(devices::sweep_pass_us(pass, khz));
+    last_seen = pass.number;
+  }
+  if (before.empty())
+    return set_brownout("unavailable", std::nullopt, "the guest finished no RAM sweep pass before the update");
+  if (before.size() > 8) before.erase(before.begin(), before.end() - 8);
+  std::ranges::sort(before);
+  const uint64_t baseline_us = before[before.size() / 2];
+  {
+    std::lock_guard lock(record_mutex_);
+    record_.baseline_pass_us = static_cast<int64_t>(baseline_us);
+  }
+  // A pass over 8 GiB that re-faults every page takes ~30 s here.
+  const auto deadline = steady_clock::now() + seconds(120) + seconds(10 * (machine_.config().ram_size >> 30));
+  while (!stopping_ && steady_clock::now() < deadline) {
+    if (machine_.run_state() != RunState::running)
+      return set_brownout("unavailable", std::nullopt, "the VM stopped running before the guest swept its RAM again");
+    for (const auto& pass : guest.sweeps_since(last_seen)) {
+      last_seen = pass.number;
+      if (pass.start_tsc < point.guest_tsc_at_resume || pass.end_tsc <= pass.start_tsc) continue;
+      if (devices::sweep_pass_us(pass, khz) * 4 <= baseline_us * 5) {
+        return set_brownout("measured",
+                            static_cast<int64_t>((pass.start_tsc - point.guest_tsc_at_resume) * 1000 / khz),
+                            std::nullopt);
+      }
+    }
+    std::this_thread::sleep_for(milliseconds(5));
+  }
+  if (!stopping_)
+    set_brownout("unavailable", std::nullopt, "the guest's RAM sweep did not get back to its speed before the update");
 }
 
 }  // namespace vmm

@@ -56,6 +56,14 @@ struct UpdateRecord {
   std::vector<UpdatePhase> phases;
   std::optional<int64_t> blackout_us;
   std::optional<int64_t> guest_gap_us;
+  // The brown-out after the resume: until the guest's pass over its whole
+  // RAM runs as fast as before the update (its sweep, guest option sweep-ms).
+  // "pending" until known, then "measured" (brownout_us) or "unavailable"
+  // (brownout_reason).
+  std::optional<std::string> brownout_status;
+  std::optional<int64_t> brownout_us;
+  std::optional<int64_t> baseline_pass_us;
+  std::optional<std::string> brownout_reason;
   std::optional<std::string> error;
   // The vmm process that runs the VM after a completed update (a transfer
   // moves the VM to a new process; exec and kexec keep or restart the pid).
@@ -114,8 +122,15 @@ class LiveUpdate {
   control::CommandResult run(const nlohmann::json& arguments, const control::CommandContext& context);
 
   // In a restored process, right after the resume: measures the guest's own
-  // view of the gap once it has beaten again (its heartbeat ring is short).
-  void watch_guest_gap(uint64_t heartbeat_at_save);
+  // view of the gap once it has beaten again (its heartbeat ring is short),
+  // and the brown-out. Guest TSCs are those of vCPU 0.
+  struct ResumePoint {
+    uint64_t heartbeat_at_save = 0;
+    uint64_t guest_tsc_at_save = 0;
+    uint64_t guest_tsc_at_resume = 0;  // after the clocks were moved on
+    bool running = true;
+  };
+  void watch_after_resume(ResumePoint point);
   // In a restored process: the update that brought it here, completed.
   void record_completed(UpdateRecord record);
   // A transfer committed: the VM, the control socket and the requesting
@@ -139,6 +154,8 @@ class LiveUpdate {
   [[nodiscard]] std::vector<std::string> relaunch_args() const;
   void finish_record(UpdateRecord record);
   void measure_guest_gap(uint64_t heartbeat_at_save);
+  void measure_brownout(ResumePoint point);
+  void set_brownout(std::string status, std::optional<int64_t> us, std::optional<std::string> reason);
 
   Machine& machine_;
   RelaunchOptions relaunch_;
@@ -148,6 +165,7 @@ class LiveUpdate {
   mutable std::mutex record_mutex_;
   UpdateRecord record_;
   std::thread gap_thread_;
+  std::thread brownout_thread_;
   std::atomic<bool> stopping_{false};
 };
 

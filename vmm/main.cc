@@ -328,7 +328,8 @@ int take_over_vm(const CommonOptions& common, int channel_fd) {
   if (auto loaded = (*machine)->load_state(*state); !loaded) return refuse(loaded.error());
   record.generation = state->metadata.generation;
   const bool was_running = state->metadata.was_running;
-  const uint64_t heartbeat_at_save = state->test_device.heartbeat_at_save;
+  const LiveUpdate::ResumePoint resume_point{state->test_device.heartbeat_at_save, state->metadata.guest_tsc_at_save,
+                                             guest_tsc(*state), was_running};
 
   // The point of no return: from here on this process owns the VM.
   if (auto sent = transfer::send(channel, "commit"); !sent)
@@ -342,7 +343,7 @@ int take_over_vm(const CommonOptions& common, int channel_fd) {
   }
   // The blackout ends here: the vCPUs run again (or, paused before, are ready to).
   const int64_t resumed_ns = monotonic_ns();
-  runtime.update->watch_guest_gap(heartbeat_at_save);
+  runtime.update->watch_after_resume(resume_point);
   if (record.blackout_started_ns > 0) record.blackout_us = (resumed_ns - record.blackout_started_ns) / 1000;
   record.add_phase("restore", steady_clock::now() - restore_started);
   spdlog::debug("transfer: state received {} us after the handover started", (received_ns - record.handover_started_ns) / 1000);
@@ -474,7 +475,8 @@ int restore_vm(const CommonOptions& common, const RestoreOptions& options) {
                                       : realtime_ns() - static_cast<int64_t>(metadata.saved_at_realtime_ns);
   advance_clocks(retrieved->state, frozen_ns);
   const bool was_running = metadata.was_running;
-  const uint64_t heartbeat_at_save = retrieved->state.test_device.heartbeat_at_save;
+  const LiveUpdate::ResumePoint resume_point{retrieved->state.test_device.heartbeat_at_save,
+                                             metadata.guest_tsc_at_save, guest_tsc(retrieved->state), was_running};
   record.generation = metadata.generation;
 
   MachineConfig config;
@@ -493,7 +495,7 @@ int restore_vm(const CommonOptions& common, const RestoreOptions& options) {
   }
   // The blackout ends here: the vCPUs run again (or, paused before, are ready to).
   const int64_t resumed_ns = monotonic_ns();
-  runtime.update->watch_guest_gap(heartbeat_at_save);
+  runtime.update->watch_after_resume(resume_point);
   if (record.blackout_started_ns > 0) record.blackout_us = (resumed_ns - record.blackout_started_ns) / 1000;
   record.add_phase("restore", steady_clock::now() - restore_started);
 

@@ -75,6 +75,13 @@ Result<RetrievedVm> retrieve_vm(luo::Session& session, Fault fault) {
   return retrieved;
 }
 
+uint64_t guest_tsc(const migration::SavedState& state) {
+  if (state.vcpus.empty()) return 0;
+  for (const auto& msr : state.vcpus.front().msrs)
+    if (msr.index == kMsrTsc) return msr.data;
+  return 0;
+}
+
 void advance_clocks(migration::SavedState& state, int64_t elapsed_ns) {
   if (elapsed_ns <= 0) return;
   for (auto& vcpu : state.vcpus) {

@@ -28,5 +28,7 @@ struct RetrievedVm {
 // Moves every vCPU's TSC and the kvmclock forward by the time the VM spent
 // frozen, so the guest sees the real time that passed.
 void advance_clocks(migration::SavedState& state, int64_t elapsed_ns);
+// vCPU 0's TSC in the state (0 if it has none).
+[[nodiscard]] uint64_t guest_tsc(const migration::SavedState& state);
 
 }  // namespace vmm
