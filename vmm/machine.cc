@@ -83,6 +83,13 @@ Result<std::unique_ptr<Machine>> Machine::create(const MachineConfig& config) {
 
   // Everything that can be checked without touching KVM comes first.
   VMM_TRY_ASSIGN(layout, memory::MemoryLayout::plan(config.ram_size, config.shared_size, config.ram_backing));
+  // The VMM reads the test guest's status structure at the start of the
+  // shared region, whatever the guest: it must fit.
+  constexpr uint64_t kMinShared = (sizeof(vmm_guest_shared) + memory::kPageSize - 1) / memory::kPageSize * memory::kPageSize;
+  if (config.shared_size < kMinShared)
+    return fail(fmt::format("--shared-memory {} is smaller than the test guest protocol's {} structure; use at "
+                            "least {}", memory::format_size(config.shared_size), memory::format_size(kMinShared),
+                            memory::format_size(kMinShared)));
 
   std::vector<uint8_t> kernel_file;
   std::span<const uint8_t> kernel;

@@ -67,6 +67,7 @@ INSTANTIATE_TEST_SUITE_P(
         BadRun{"TooManyVcpus", {"--vcpus", "999"}, "--vcpus"},
         BadRun{"UnknownBacking", {"--memory-backing", "tmpfs"}, "--memory-backing"},
         BadRun{"SharedTooLarge", {"--shared-memory", "1G"}, "shared"},
+        BadRun{"SharedSmallerThanTheGuestProtocol", {"--shared-memory", "4K"}, "use at least 8 KiB"},
         BadRun{"MissingKernel", {"--kernel", "/nonexistent/vmlinux"}, "cannot open kernel"},
         BadRun{"KernelNotElf", {"--kernel", "/etc/hostname"}, "not an ELF"},
         BadRun{"KernelNotPvh", {"--kernel", "/bin/true"}, "not a PVH kernel"},
