@@ -273,7 +273,7 @@ HostInfo host_info() {
     if (key == "model name" && host.cpu_model.empty()) host.cpu_model = value;
     if (key == "flags" && (" " + value + " ").find(" hypervisor ") != std::string::npos) hypervisor_flag = true;
   }
-  host.hypervisor = hypervisor_flag ? "a virtual machine (cpuinfo flag 'hypervisor')" : "bare metal";
+  host.hypervisor = hypervisor_flag ? "a virtual machine (cpuinfo flag hypervisor)" : "bare metal";
   host.cpus = std::thread::hardware_concurrency();
   std::ifstream meminfo("/proc/meminfo");
   std::string key, unit;

@@ -226,13 +226,13 @@ uint64_t calibrate_tsc_khz(std::chrono::milliseconds duration) {
                                static_cast<double>(end_ns - start_ns));
 }
 
-std::optional<uint64_t> median_cycles(const std::vector<SweepPass>& passes) {
+std::optional<uint64_t> baseline_cycles(const std::vector<SweepPass>& passes) {
   if (passes.empty()) return std::nullopt;
   std::vector<uint64_t> cycles;
-  for (const auto& pass : passes) cycles.push_back(pass.cycles());
+  const size_t first = passes.size() > kBaselinePasses ? passes.size() - kBaselinePasses : 0;
+  for (size_t i = first; i < passes.size(); ++i) cycles.push_back(passes[i].cycles());
   std::ranges::sort(cycles);
-  // Nearest rank.
-  return cycles[(cycles.size() + 1) / 2 - 1];
+  return cycles[cycles.size() / 2];
 }
 
 std::optional<SweepPass> first_steady_pass(const std::vector<SweepPass>& ring, uint64_t resumed_tsc,

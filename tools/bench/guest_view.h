@@ -83,12 +83,16 @@ class GuestView {
 uint64_t calibrate_tsc_khz(std::chrono::milliseconds duration);
 uint64_t read_tsc();
 
-// The brown-out after a resume, by the definition the vmm uses for its own:
-// from the resume until the start of the first sweep pass that both starts
-// after the resume and lasts at most `kBrownoutTolerance` times the median
-// pass before the stop.
+// The brown-out after a resume, by the definition the vmm uses for its own
+// (LiveUpdate::measure_brownout): from the resume until the start of the
+// first sweep pass that both starts after the resume and lasts at most
+// `kBrownoutTolerance` times the baseline, the median of the last
+// `kBaselinePasses` passes that ended before the stop.
 inline constexpr double kBrownoutTolerance = 1.25;
-std::optional<uint64_t> median_cycles(const std::vector<SweepPass>& passes);
+inline constexpr size_t kBaselinePasses = 8;
+// The baseline of `passes` (oldest first), as the vmm takes it: the last
+// kBaselinePasses, sorted, the one at index n / 2.
+std::optional<uint64_t> baseline_cycles(const std::vector<SweepPass>& passes);
 // The first qualifying pass in `ring` (or nullopt while there is none yet).
 std::optional<SweepPass> first_steady_pass(const std::vector<SweepPass>& ring, uint64_t resumed_tsc,
                                            uint64_t baseline_cycles);

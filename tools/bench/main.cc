@@ -72,6 +72,13 @@ int run_blackout(BlackoutOptions& options, const std::vector<std::string>& size_
     }
     options.sizes.push_back({label, *bytes});
   }
+  if (std::ranges::find(options.modes, "none") != options.modes.end()) {
+    if (options.modes.size() != 1) {
+      fmt::print(stderr, "vmm-bench: --modes none excludes the other modes\n");
+      return 2;
+    }
+    options.modes.clear();
+  }
   if (std::ranges::find(options.peers, "none") != options.peers.end()) {
     if (options.peers.size() != 1) {
       fmt::print(stderr, "vmm-bench: --peers none excludes the other peers\n");
@@ -189,12 +196,12 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   blackout
       ->add_option("--large-updates", options.large_updates,
-                   "Updates for sizes of 4G and more, where each waits out a brown-out of tens of seconds")
+                   "Updates for sizes of 4G and more, where each update waits out a brown-out of seconds to tens of seconds")
       ->check(CLI::Range(1, 100000))
       ->capture_default_str();
-  blackout->add_option("--modes", options.modes, "Our live-update modes, comma-separated (exec, transfer)")
+  blackout->add_option("--modes", options.modes, "Our live-update modes, comma-separated (exec, transfer), or none")
       ->delimiter(',')
-      ->check(CLI::IsMember({"exec", "transfer"}))
+      ->check(CLI::IsMember({"exec", "transfer", "none"}))
       ->capture_default_str();
   blackout
       ->add_option("--peers", options.peers,

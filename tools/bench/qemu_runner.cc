@@ -276,8 +276,9 @@ Result<void> handover(RunContext& context, Chain& chain, const Paths& paths, con
   if (auto memory = read_process_memory(chain.qemu->pid())) sample.rss_anon_kib = memory->rss_anon_kib;
 
   // The brown-out, as the vmm defines it: from the resume until a sweep pass
-  // starts that is at most 1.25 times the median pass before the stop.
-  const auto baseline = median_cycles(passes_before);
+  // starts that is at most 1.25 times the median of the last 8 passes
+  // before the stop.
+  const auto baseline = baseline_cycles(passes_before);
   if (!guest_sweeps || !baseline || *baseline == 0) {
     sample.brownout_status = "unavailable";
     sample.note(guest_sweeps ? "brown-out unavailable: no sweep pass completed before the stop"
@@ -308,6 +309,7 @@ std::string describe_sample(const Sample& sample) {
   text += fmt::format(", guest gap {}", sample.guest_gap_us ? human_us(*sample.guest_gap_us) : "-");
   if (sample.brownout_us) text += fmt::format(", brown-out {}", human_us(*sample.brownout_us));
   else text += fmt::format(", brown-out {}", sample.brownout_status.empty() ? "-" : sample.brownout_status);
+  if (!sample.ok) text += "; FAILED: " + sample.notes;
   return text;
 }
 

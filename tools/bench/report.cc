@@ -377,7 +377,7 @@ Result<void> write_summary(const std::string& path, const RunInfo& info, const B
   const HostInfo& host = info.host;
   md += fmt::format("# vmm-bench blackout, {}\n\n", info.started_at);
   md += fmt::format("- Command: `{}`\n", options.command_line);
-  md += fmt::format("- Machine: {}, {} CPUs, {:.1f} GiB RAM, {} {} ({})\n", host.cpu_model, host.cpus,
+  md += fmt::format("- Machine: {}, {} CPUs, {:.1f} GiB RAM, {} {}; {}\n", host.cpu_model, host.cpus,
                     gib(host.memory_bytes), host.kernel, host.machine, host.hypervisor);
   md += fmt::format("- Load average (1, 5, 15 min): {} at the start, {} at the end\n", host.load_at_start,
                     host.load_at_end);
@@ -387,13 +387,16 @@ Result<void> write_summary(const std::string& path, const RunInfo& info, const B
   if (!options.peers.empty()) md += fmt::format("- QEMU: `{}`, {}\n", options.qemu, info.qemu_version);
   md += fmt::format("- Updates per configuration: {} ({} for {} and above)\n", options.updates, options.large_updates,
                     "4G");
-  md += fmt::format("- Took {:.0f} min{}\n\n", info.duration_s / 60, info.interrupted ? " (INTERRUPTED: partial)" : "");
+  md += fmt::format("- Took {}{}\n\n",
+                    info.duration_s < 120 ? fmt::format("{:.0f} s", info.duration_s)
+                                          : fmt::format("{:.0f} min", info.duration_s / 60),
+                    info.interrupted ? " (INTERRUPTED: the results are partial)" : "");
 
   md += "## Blackout, guest gap and brown-out\n\n";
   md += "Per update: median, 90th percentile and maximum (nearest rank). Blackout and guest gap in ms, "
         "brown-out in s. The ratio columns divide our median blackout by QEMU's on the same RAM size and vCPU "
         "count: below 1, ours is shorter. n counts the updates measured (failed ones in brackets). How each "
-        "number is taken: docs/performance.md.\n\n";
+        "number is taken: docs/performance.md. Under QEMU the test guest works on one vCPU whatever the VM has.\n\n";
   md += "| RAM | vCPUs | system | n | blackout median | p90 | max | guest gap median | p90 | max | "
         "brown-out median | p90 | max | ours : qemu-shared | ours : qemu-file |\n";
   md += "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";

@@ -102,7 +102,7 @@ enum class Outcome { completed, refused, unsupported };
 // One live update; fills `sample`. A lost connection is an error (the VM is
 // gone); a refused update is an outcome.
 Result<Outcome> one_update(Client& client, pid_t vmm_pid, const std::string& mode, uint64_t ram_bytes,
-                           Sample& sample) {
+                           bool guest_sweeps, Sample& sample) {
   client.set_timeout(seconds(brownout_timeout_s(ram_bytes)));
   auto reply = client.execute("live-update", {{"mode", mode}});
   client.set_timeout(Client::kDefaultTimeout);
@@ -148,6 +148,10 @@ Result<Outcome> one_update(Client& client, pid_t vmm_pid, const std::string& mod
       } else if (state == "unavailable") {
         sample.brownout_status = "unavailable";
         sample.note("brown-out unavailable: " + status.value("brownout_reason", std::string("no reason given")));
+        // The guest sweeps and runs: the vmm gave up waiting for its sweep
+        // to get back to speed (or the guest was not steady before), so
+        // this sample did not end in a steady state.
+        if (guest_sweeps) sample.ok = false;
         brownout_done = true;
       }
     }
@@ -171,6 +175,7 @@ std::string describe_sample(const Sample& sample) {
   text += fmt::format(", guest gap {}", sample.guest_gap_us ? human_us(*sample.guest_gap_us) : "-");
   if (sample.brownout_us) text += fmt::format(", brown-out {}", human_us(*sample.brownout_us));
   else text += fmt::format(", brown-out {}", sample.brownout_status.empty() ? "-" : sample.brownout_status);
+  if (!sample.ok) text += "; FAILED: " + sample.notes;
   return text;
 }
 
@@ -254,7 +259,7 @@ void run_vmm(RunContext& context, const RamSize& size, uint32_t vcpus) {
       }
       Sample sample{.system = system, .mode = mode, .size = size.label, .size_bytes = size.bytes, .vcpus = vcpus,
                     .backing = options.backing, .update = update};
-      auto outcome = one_update(*client, vmm->pid(), mode, size.bytes, sample);
+      auto outcome = one_update(*client, vmm->pid(), mode, size.bytes, guest_sweeps, sample);
       if (!outcome) {
         // The control connection is gone, and with it (most likely) the VM.
         sample.ok = false;
