@@ -36,6 +36,7 @@ class Region : public boost::intrusive::set_base_hook<boost::intrusive::optimize
   [[nodiscard]] SlotKind slot_kind() const { return slot_kind_; }
   [[nodiscard]] uint32_t slot() const { return spec_.slot; }
   [[nodiscard]] std::span<uint8_t> bytes() const { return mapping_.bytes(); }
+  [[nodiscard]] Result<void> populate_page_tables() const { return mapping_.populate_page_tables(); }
 
   friend bool operator<(const Region& a, const Region& b) { return a.gpa() < b.gpa(); }
 

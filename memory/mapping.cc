@@ -29,6 +29,14 @@ Mapping& Mapping::operator=(Mapping&& other) noexcept {
   return *this;
 }
 
+Result<void> Mapping::populate_page_tables() const {
+  if (!valid()) return fail("populating an empty mapping");
+  if (::madvise(addr_, size_, MADV_POPULATE_WRITE) != 0)
+    return fail_errno(errno == EINVAL ? "this kernel lacks MADV_POPULATE_WRITE (Linux 5.14)"
+                                      : "cannot populate the page tables of a guest memory mapping");
+  return {};
+}
+
 Mapping::~Mapping() {
   if (addr_ != nullptr) ::munmap(addr_, size_);
 }

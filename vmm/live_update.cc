@@ -169,9 +169,14 @@ json LiveUpdate::query() const {
 Result<LiveUpdate::Request> LiveUpdate::parse(const json& arguments) const {
   Request request;
   for (const auto& [key, value] : arguments.items()) {
-    static const std::vector<std::string> known{"mode", "binary", "kernel", "initrd", "cmdline", "x-inject"};
+    static const std::vector<std::string> known{"mode", "binary", "kernel", "initrd", "cmdline", "prefault",
+                                                "x-inject"};
     if (std::ranges::find(known, key) == known.end())
       return fail(fmt::format("Parameter '{}' is unexpected for command live-update", key));
+    if (key == "prefault") {
+      if (!value.is_boolean()) return fail("Parameter 'prefault' expects a boolean");
+      continue;
+    }
     if (!value.is_string()) return fail(fmt::format("Parameter '{}' expects a string", key));
   }
   constexpr std::string_view kModes = "use \"transfer\", \"exec\" or \"kexec\"";
@@ -189,6 +194,9 @@ Result<LiveUpdate::Request> LiveUpdate::parse(const json& arguments) const {
   request.kernel = arguments.value("kernel", "");
   request.initrd = arguments.value("initrd", "");
   request.cmdline = arguments.value("cmdline", "");
+  if (arguments.contains("prefault") && request.mode != "transfer")
+    return fail("Parameter 'prefault' applies to mode \"transfer\" only");
+  request.prefault = arguments.value("prefault", true);
   if (kexec && request.kernel.empty()) return fail("Parameter 'kernel' is missing: kexec needs the new kernel's image");
   if (arguments.contains("x-inject")) {
     VMM_TRY_ASSIGN(fault, fault_from_string(arguments["x-inject"].get<std::string>()));
@@ -450,7 +458,7 @@ control::CommandResult LiveUpdate::run_transfer(Attempt& attempt, const control:
   }
   files.push_back(state.fd.ref());
   json hello = {{"name", machine_.config().name}, {"vcpus", machine_.config().vcpus},
-                {"regions", transfer::layout_to_json(layout)}};
+                {"regions", transfer::layout_to_json(layout)}, {"prefault", request.prefault}};
   if (request.fault == Fault::target_refuses) hello["x-inject"] = to_string(request.fault);
   if (auto sent = transfer::send(target->channel(), "hello", hello, files); !sent)
     return attempt.failed(sent.error());
@@ -460,6 +468,13 @@ control::CommandResult LiveUpdate::run_transfer(Attempt& attempt, const control:
   if (!ready) return attempt.failed(ready.error().with_context("the new vmm could not build the VM"));
   spdlog::info("live update: the new vmm built the VM in {} us", ready->body.value("prebuild_us", int64_t{-1}));
   attempt.phase_done();
+
+  // Connections made from here on wait in the backlog for the new process
+  // (joining the accept thread takes a while: not inside the blackout).
+  if (server_) {
+    server_->stop_accepting();
+    socket_handed = true;
+  }
 
   // --- freeze: the blackout starts ---------------------------------------
   attempt.next_phase("freeze");
@@ -475,9 +490,6 @@ control::CommandResult LiveUpdate::run_transfer(Attempt& attempt, const control:
   if (request.fault != Fault::none) body["x-inject"] = to_string(request.fault);
   std::vector<FdRef> handed;
   if (server_) {
-    // Connections made from here on wait in the backlog for the new process.
-    server_->stop_accepting();
-    socket_handed = true;
     handed.push_back(server_->listening_fd());
     body["socket"] = true;
   }
@@ -492,9 +504,13 @@ control::CommandResult LiveUpdate::run_transfer(Attempt& attempt, const control:
   if (!commit) return attempt.failed(commit.error().with_context("the new vmm could not restore the VM"));
 
   // Committed: the new process runs the guest and answers the client. This
-  // one must not touch the VM, the socket or the connection again.
+  // one must not touch the VM, the socket or the connection again. It waits
+  // until the guest runs there before tearing its own VM down: on a small
+  // host that teardown would compete with the resume for the CPUs.
   target->committed();
   const pid_t successor = target->pid();
+  if (auto resumed = transfer::receive(target->channel(), "resumed", seconds(10)); !resumed)
+    spdlog::warn("live update: {}", resumed.error().describe());
   spdlog::info("live update: the VM now runs in pid {}; this vmm exits", successor);
   handed_over_ = true;
   if (context.handed_over) context.handed_over->store(true);

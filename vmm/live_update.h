@@ -142,6 +142,7 @@ class LiveUpdate {
     std::string mode;
     std::string binary;
     std::string kernel, initrd, cmdline;
+    bool prefault = true;  // transfer: fill the new process's page tables for guest RAM first
     Fault fault = Fault::none;
   };
   struct Attempt;

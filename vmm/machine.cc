@@ -214,6 +214,14 @@ Result<std::unique_ptr<Machine>> Machine::prebuild(MachineConfig config, Prebuil
   VMM_TRY(prepare_vm(vm));
   VMM_TRY_ASSIGN(memory, memory::GuestMemory::attach(vm, layout, std::move(inputs.region_files),
                                                      inputs.guest_memfd_slot_kind));
+  if (inputs.prefault) {
+    for (const auto& region : memory.regions()) {
+      const auto begin = steady_clock::now();
+      VMM_TRY(with_context(region->populate_page_tables(), "prefaulting memory region '" + region->spec().name + "'"));
+      spdlog::debug("prefaulted the page tables of {} ({}) in {} us", region->spec().name,
+                    memory::format_size(region->size()), duration_cast<microseconds>(steady_clock::now() - begin).count());
+    }
+  }
   VMM_TRY_ASSIGN(machine, assemble(std::move(config), std::move(host), std::move(vm), std::move(memory)));
   spdlog::debug("VM '{}' prebuilt in {} us", machine->config_.name,
                 duration_cast<microseconds>(steady_clock::now() - started).count());
@@ -236,8 +244,12 @@ Result<void> Machine::load_state(const migration::SavedState& state) {
                               "{} at 0x{:x})", i, saved.name, memory::format_size(saved.size), saved.gpa,
                               built.name, memory::format_size(built.size), built.gpa), EINVAL);
   }
+  const auto started = steady_clock::now();
   VMM_TRY(vm_.restore(state.vm));
+  const auto vm_done = steady_clock::now();
   VMM_TRY(restore_vcpus(state.vcpus));
+  spdlog::debug("state loaded: VM {} us, {} vCPU(s) {} us", duration_cast<microseconds>(vm_done - started).count(),
+                state.vcpus.size(), duration_cast<microseconds>(steady_clock::now() - vm_done).count());
 
   devices::SerialRegisters serial;
   serial.ier = state.uart.ier;
@@ -273,10 +285,26 @@ Result<void> Machine::create_empty_vcpus() {
 }
 
 Result<void> Machine::restore_vcpus(const std::vector<kvm::VcpuState>& states) {
-  for (size_t i = 0; i < states.size(); ++i) {
-    VMM_TRY(vcpus_[i]->run_while_paused([&](kvm::Vcpu& vcpu) { return vcpu.restore(states[i]); }));
+  return on_every_vcpu([&](size_t i, kvm::Vcpu& vcpu) { return vcpu.restore(states[i]); });
+}
+
+Result<void> Machine::on_every_vcpu(const std::function<Result<void>(size_t, kvm::Vcpu&)>& task) {
+  std::vector<std::function<Result<void>(kvm::Vcpu&)>> tasks;
+  tasks.reserve(vcpus_.size());
+  for (size_t i = 0; i < vcpus_.size(); ++i) tasks.emplace_back([&task, i](kvm::Vcpu& vcpu) { return task(i, vcpu); });
+  size_t posted = 0;
+  Result<void> outcome;
+  for (; posted < vcpus_.size(); ++posted) {
+    if (auto sent = vcpus_[posted]->post_task(tasks[posted]); !sent) {
+      outcome = std::unexpected(sent.error());
+      break;
+    }
   }
-  return {};
+  for (size_t i = 0; i < posted; ++i) {
+    auto done = vcpus_[i]->wait_task();
+    if (!done && outcome) outcome = std::unexpected(done.error());
+  }
+  return outcome;
 }
 
 Result<migration::SavedState> Machine::save_state() {
@@ -284,16 +312,18 @@ Result<migration::SavedState> Machine::save_state() {
   if (state_ != RunState::paused) return fail("the VM must be paused to save its state");
   migration::SavedState state;
   state.metadata.vm_name = config_.name;
+  const auto started = steady_clock::now();
   VMM_TRY_ASSIGN(vm_state, vm_.save());
+  const auto vm_done = steady_clock::now();
   state.vm = vm_state;
   state.vcpus.resize(vcpus_.size());
-  for (size_t i = 0; i < vcpus_.size(); ++i) {
-    VMM_TRY(vcpus_[i]->run_while_paused([&](kvm::Vcpu& vcpu) -> Result<void> {
-      VMM_TRY_ASSIGN(saved, vcpu.save(msrs_to_save_));
-      state.vcpus[i] = std::move(saved);
-      return {};
-    }));
-  }
+  VMM_TRY(on_every_vcpu([&](size_t i, kvm::Vcpu& vcpu) -> Result<void> {
+    VMM_TRY_ASSIGN(saved, vcpu.save(msrs_to_save_));
+    state.vcpus[i] = std::move(saved);
+    return {};
+  }));
+  spdlog::debug("state saved: VM {} us, {} vCPU(s) {} us", duration_cast<microseconds>(vm_done - started).count(),
+                vcpus_.size(), duration_cast<microseconds>(steady_clock::now() - vm_done).count());
   for (const auto& region : memory_.regions()) {
     migration::RegionRef ref;
     ref.spec = region->spec();

@@ -58,6 +58,9 @@ struct PrebuildInputs {
   memory::MemoryLayout layout;
   std::vector<UniqueFd> region_files;  // in layout order
   memory::SlotKind guest_memfd_slot_kind = memory::SlotKind::userspace;
+  // Fill this process's page tables for guest RAM ahead of time, so KVM's
+  // re-faults after the resume skip the host page fault (the brown-out).
+  bool prefault = true;
 };
 
 inline constexpr uint32_t kMaxVcpus = 32;  // the test guest protocol's limit
@@ -158,6 +161,9 @@ class Machine final : public VcpuExitHandler {
   [[nodiscard]] Result<void> build_devices(devices::ConsoleSink console);
   [[nodiscard]] Result<void> create_vcpus(uint32_t entry);
   [[nodiscard]] Result<void> create_empty_vcpus();
+  // Runs task(i, vcpu) on every parked vCPU's own thread, all at once (the
+  // save and load of a live update's blackout); the first error wins.
+  [[nodiscard]] Result<void> on_every_vcpu(const std::function<Result<void>(size_t, kvm::Vcpu&)>& task);
   [[nodiscard]] Result<void> restore_vcpus(const std::vector<kvm::VcpuState>& states);
   // The part of create/restore/prebuild after the VM and its memory exist.
   [[nodiscard]] static Result<std::unique_ptr<Machine>> assemble(MachineConfig config, Host host, kvm::Vm vm,

@@ -6,6 +6,7 @@
 //                     in exec mode (which passes the hidden handover options)
 #include <fcntl.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
@@ -174,6 +175,12 @@ struct Runtime {
 
   int wait(FdRef signals) {
     wait_for_shutdown(*machine, signals);
+    if (update->handed_over()) {
+      // The teardown that follows (the VM's page tables, its mappings) runs
+      // at idle priority: the guest now runs in the new process on the same CPUs.
+      sched_param idle{};
+      ::sched_setscheduler(0, SCHED_IDLE, &idle);
+    }
     machine->stop();
     machine->set_event_sink({});
     if (server) {
@@ -272,7 +279,8 @@ int take_over_vm(const CommonOptions& common, int channel_fd) {
   config.name = hello->body.value("name", "vm");
   config.vcpus = hello->body.value("vcpus", 0u);
   auto machine = Machine::prebuild(config, PrebuildInputs{std::move(*layout), std::move(hello->fds),
-                                                          memory::SlotKind::userspace});
+                                                          memory::SlotKind::userspace,
+                                                          hello->body.value("prefault", true)});
   if (!machine) return refuse(machine.error());
   struct stat state_file{};
   if (::fstat(state_fd.get(), &state_file) != 0) return refuse(Error{errno, "cannot stat the state memfd"});
@@ -343,9 +351,11 @@ int take_over_vm(const CommonOptions& common, int channel_fd) {
   }
   // The blackout ends here: the vCPUs run again (or, paused before, are ready to).
   const int64_t resumed_ns = monotonic_ns();
-  runtime.update->watch_after_resume(resume_point);
   if (record.blackout_started_ns > 0) record.blackout_us = (resumed_ns - record.blackout_started_ns) / 1000;
   record.add_phase("restore", steady_clock::now() - restore_started);
+  // The old process may now tear its VM down.
+  if (auto sent = transfer::send(channel, "resumed"); !sent) spdlog::debug("transfer: {}", sent.error().describe());
+  runtime.update->watch_after_resume(resume_point);
   spdlog::debug("transfer: state received {} us after the handover started", (received_ns - record.handover_started_ns) / 1000);
 
   if (listening) {

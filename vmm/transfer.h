@@ -6,13 +6,15 @@
 // pages and says "ready". Only then does the old one pause the guest, save
 // its state into a memfd both share, and send "state" with the control
 // socket and the requesting client's connection. The new process loads the
-// state, says "commit" and resumes the guest; the old one exits.
+// state, says "commit", resumes the guest and says "resumed"; only then does
+// the old one tear its VM down (at idle priority) and exit.
 //
 //   old -> new  hello   {name, vcpus, regions[]}    fds: every region, state memfd
 //   new -> old  ready   {pid, prebuild_us}          | error {message}
 //   old -> new  state   {bytes, record, reply_id?, socket, connection, fault}
 //                                                   fds: [listening socket] [connection]
 //   new -> old  commit  {}                          | error {message}
+//   new -> old  resumed {}
 //
 // "commit" is the point of no return. Before it the new process has not run
 // the guest, answered a client or accepted a connection, so the old one can

@@ -96,18 +96,31 @@ void VcpuThread::exit() {
 }
 
 Result<void> VcpuThread::run_while_paused(const std::function<Result<void>(kvm::Vcpu&)>& task) {
+  VMM_TRY(post_task(task));
+  return wait_task();
+}
+
+Result<void> VcpuThread::post_task(const std::function<Result<void>(kvm::Vcpu&)>& task) {
   std::unique_lock lock(mutex_);
   // A thread just started parked may not have reached its first wait yet.
   if (thread_.joinable()) changed_.wait(lock, [this] { return state_ != State::created; });
   if (!thread_.joinable() || state_ != State::paused || command_ != Command::pause)
     return fail(fmt::format("vCPU {} is not paused", id_));
+  if (task_ != nullptr) return fail(fmt::format("vCPU {} is already running a task", id_));
   task_ = &task;
+  task_done_ = false;
   changed_.notify_all();
-  changed_.wait(lock, [this] { return task_ == nullptr || state_ == State::exited; });
-  if (task_ != nullptr) {
+  return {};
+}
+
+Result<void> VcpuThread::wait_task() {
+  std::unique_lock lock(mutex_);
+  changed_.wait(lock, [this] { return task_done_ || state_ == State::exited; });
+  if (!task_done_) {
     task_ = nullptr;
     return fail(fmt::format("vCPU {} exited before running its task", id_));
   }
+  task_done_ = false;
   return std::move(task_result_);
 }
 
@@ -139,6 +152,7 @@ void VcpuThread::main() {
       if (task_) {
         task_result_ = (*task_)(vcpu_);
         task_ = nullptr;
+        task_done_ = true;
         changed_.notify_all();
       } else {
         changed_.wait(lock);

@@ -63,6 +63,10 @@ class VcpuThread {
   // Runs `task` on the vCPU's own thread while it is parked (KVM state
   // ioctls belong to the vCPU's thread). Blocks until done.
   [[nodiscard]] Result<void> run_while_paused(const std::function<Result<void>(kvm::Vcpu&)>& task);
+  // The same in two halves, so several vCPUs can work at once: post_task()
+  // hands `task` (which must live until wait_task() returns) to the thread.
+  [[nodiscard]] Result<void> post_task(const std::function<Result<void>(kvm::Vcpu&)>& task);
+  [[nodiscard]] Result<void> wait_task();
 
   [[nodiscard]] uint32_t id() const { return id_; }
   [[nodiscard]] pid_t thread_id() const { return thread_id_.load(); }
@@ -87,6 +91,7 @@ class VcpuThread {
   State state_ = State::created;
   const std::function<Result<void>(kvm::Vcpu&)>* task_ = nullptr;
   Result<void> task_result_;
+  bool task_done_ = false;
 
   struct AtomicCounts {
     std::atomic<uint64_t> io{0}, mmio{0}, hlt{0}, interrupted{0}, other{0};

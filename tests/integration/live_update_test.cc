@@ -242,6 +242,18 @@ TEST_P(EveryMode, BrownOutIsMeasuredFromTheGuestsRamSweep) {
   EXPECT_LT(record["brownout_us"].get<int64_t>(), 30'000'000) << record.dump();
 }
 
+TEST(LiveUpdate, TransferWithoutPrefaultStillKeepsEveryPage) {
+  REQUIRE_KVM();
+  auto vm = ASSERT_OK(VmmProcess::launch({"--vcpus", "2"}));
+  ASSERT_OK(wait_stamped(vm));
+  const auto identities = region_identities(vm);
+  const uint64_t heartbeat = heartbeat_of(ASSERT_OK(vm.command("query-guest")));
+  auto reply = ASSERT_OK(live_update(vm, "transfer", {{"prefault", false}}));
+  EXPECT_EQ(reply["status"], "completed");
+  EXPECT_EQ(region_identities(vm), identities);
+  expect_guest_carries_on(vm, heartbeat, 2);
+}
+
 TEST(LiveUpdate, BrownOutIsUnavailableWithoutTheGuestsSweep) {
   REQUIRE_KVM();
   auto vm = ASSERT_OK(VmmProcess::launch({}));
@@ -336,7 +348,9 @@ TEST(LiveUpdate, BadArgumentsAreRefusedWithoutTouchingTheGuest) {
                                 json{{"mode", "exec"}, {"speed", "fast"}},
                                 json{{"mode", "transfer"}, {"kernel", "/boot/vmlinuz"}},
                                 json{{"mode", "transfer"}, {"x-inject", "wrong-token"}},
-                                json{{"mode", "exec"}, {"x-inject", "target-crash"}}}) {
+                                json{{"mode", "exec"}, {"x-inject", "target-crash"}},
+                                json{{"mode", "exec"}, {"prefault", false}},
+                                json{{"mode", "transfer"}, {"prefault", "yes"}}}) {
     auto reply = ASSERT_OK(vm.client().execute("live-update", arguments));
     ASSERT_FALSE(reply.has_value()) << arguments.dump();
     EXPECT_EQ(reply.error().error_class, "GenericError");
