@@ -37,6 +37,9 @@ class Region : public boost::intrusive::set_base_hook<boost::intrusive::optimize
   [[nodiscard]] uint32_t slot() const { return spec_.slot; }
   [[nodiscard]] std::span<uint8_t> bytes() const { return mapping_.bytes(); }
   [[nodiscard]] Result<void> populate_page_tables() const { return mapping_.populate_page_tables(); }
+  [[nodiscard]] Result<void> populate_page_tables(size_t offset, size_t length) const {
+    return mapping_.populate_page_tables(offset, length);
+  }
 
   friend bool operator<(const Region& a, const Region& b) { return a.gpa() < b.gpa(); }
 

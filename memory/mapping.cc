@@ -29,9 +29,11 @@ Mapping& Mapping::operator=(Mapping&& other) noexcept {
   return *this;
 }
 
-Result<void> Mapping::populate_page_tables() const {
+Result<void> Mapping::populate_page_tables(size_t offset, size_t length) const {
   if (!valid()) return fail("populating an empty mapping");
-  if (::madvise(addr_, size_, MADV_POPULATE_WRITE) != 0)
+  if (offset > size_ || length > size_ - offset) return fail("populating beyond the end of a mapping", EINVAL);
+  if (length == 0) return {};
+  if (::madvise(data() + offset, length, MADV_POPULATE_WRITE) != 0)
     return fail_errno(errno == EINVAL ? "this kernel lacks MADV_POPULATE_WRITE (Linux 5.14)"
                                       : "cannot populate the page tables of a guest memory mapping");
   return {};

@@ -30,7 +30,9 @@ class Mapping {
   // the pages the file already has (MADV_POPULATE_WRITE, Linux 5.14). Reads
   // and writes nothing: a later first touch, by us or by KVM on the guest's
   // behalf, then finds the page table entry instead of faulting.
-  [[nodiscard]] Result<void> populate_page_tables() const;
+  [[nodiscard]] Result<void> populate_page_tables() const { return populate_page_tables(0, size_); }
+  // The same for [offset, offset + length), page-aligned.
+  [[nodiscard]] Result<void> populate_page_tables(size_t offset, size_t length) const;
 
  private:
   Mapping(void* addr, size_t size) : addr_(addr), size_(size) {}

@@ -462,7 +462,28 @@ bool Machine::shutdown_failed() const {
   return shutdown_failed_;
 }
 
+void Machine::prefault_in_background() {
+  if (prefault_thread_.joinable()) return;
+  prefault_thread_ = std::thread([this] {
+    const auto begin = steady_clock::now();
+    // In chunks, so stop() need not wait for gigabytes.
+    constexpr uint64_t kChunk = 64ULL << 20;
+    for (const auto& region : memory_.regions()) {
+      for (uint64_t offset = 0; offset < region->size() && !prefault_stop_.load(); offset += kChunk) {
+        if (auto done = region->populate_page_tables(offset, std::min(kChunk, region->size() - offset)); !done) {
+          spdlog::warn("prefaulting '{}' in the background: {}", region->spec().name, done.error().describe());
+          break;
+        }
+      }
+    }
+    spdlog::debug("prefaulted guest memory in the background in {} us",
+                  duration_cast<microseconds>(steady_clock::now() - begin).count());
+  });
+}
+
 void Machine::stop() {
+  prefault_stop_ = true;
+  if (prefault_thread_.joinable()) prefault_thread_.join();
   for (auto& vcpu : vcpus_) vcpu->exit();
   if (serial_) serial_->flush();
   std::lock_guard lock(state_mutex_);

@@ -5,6 +5,7 @@
 
 #include <sys/types.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <functional>
@@ -12,6 +13,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -129,6 +131,11 @@ class Machine final : public VcpuExitHandler {
   void stop();
   void flush_console();
 
+  // Fills this process's page tables for guest memory in the background
+  // while the guest runs (after an exec restore, where doing it before the
+  // resume would lengthen the blackout). stop() ends it.
+  void prefault_in_background();
+
   [[nodiscard]] std::vector<RegionInfo> memory_info() const;
   [[nodiscard]] std::vector<VcpuInfo> vcpu_info() const;
   [[nodiscard]] devices::TestGuestLink& guest() { return *guest_link_; }
@@ -194,6 +201,8 @@ class Machine final : public VcpuExitHandler {
   EventSink event_sink_;
   std::atomic<uint64_t> unclaimed_accesses_{0};
   std::vector<uint32_t> msrs_to_save_;
+  std::thread prefault_thread_;
+  std::atomic<bool> prefault_stop_{false};
 };
 
 }  // namespace vmm
