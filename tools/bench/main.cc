@@ -126,7 +126,10 @@ int run_blackout(BlackoutOptions& options, const std::vector<std::string>& size_
   info.host = host_info();
   info.started_at = timestamp("%Y-%m-%dT%H:%M:%SZ", true);
   if (!options.peers.empty()) info.qemu_version = first_output_line(shell_quoted(options.qemu) + " --version");
-  info.commit = first_output_line("git describe --always --dirty --abbrev=10");
+  // The checkout the vmm was built in (build dirs live inside it).
+  info.commit = first_output_line(fmt::format(
+      "git -C {} describe --always --dirty --abbrev=10",
+      shell_quoted(std::filesystem::absolute(options.vmm).parent_path().string())));
   // The guest publishes its TSC rate; this is the fallback (and a check).
   info.host_tsc_khz = calibrate_tsc_khz(250ms);
   const auto started = Clock::now();

@@ -143,7 +143,8 @@ std::string ram_axis(const BlackoutOptions& options) {
   std::string text = "set logscale x 2\n";
   text += fmt::format("set xrange [{}:{}]\n", smallest / 1.6, largest * 1.6);
   text += fmt::format("set xtics ({})\n", fmt::join(ticks, ", "));
-  text += "set xlabel 'guest RAM'\nset grid\nset key below\nset pointsize 1.3\n";
+  text += "set xlabel 'guest RAM'\nset grid\nset pointsize 1.3\n"
+          "set key outside bottom center horizontal maxrows 2 samplen 2\nset bmargin 7\n";
   return text;
 }
 
@@ -229,7 +230,8 @@ std::string phases_plot(const std::string& out, const BlackoutOptions& options, 
   // prepare runs before the pause and finish after the resume: not stacked.
   script += fmt::format("set multiplot layout 1,{} title 'Our blackout by phase (medians)'\n", panels);
   script += "set style data histograms\nset style histogram rowstacked\nset style fill solid 0.85 border -1\n"
-            "set boxwidth 0.7\nset ylabel 'ms'\nset yrange [0:*]\nset grid ytics\nset key below\n"
+            "set boxwidth 0.7\nset ylabel 'ms'\nset yrange [0:*]\nset grid ytics\n"
+            "set key outside bottom center horizontal maxrows 2 samplen 2\nset bmargin 8\n"
             "set xtics rotate by -30\n";
   script += panels_text;
   script += "unset multiplot\n";
