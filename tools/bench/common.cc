@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <array>
+#include <cerrno>
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
@@ -170,6 +171,36 @@ std::optional<ExitStatus> ChildProcess::wait_exit(std::chrono::milliseconds time
   const auto deadline = Clock::now() + timeout;
   while (!poll_exit() && Clock::now() < deadline) std::this_thread::sleep_for(2ms);
   return status_;
+}
+
+void become_subreaper() { ::prctl(PR_SET_CHILD_SUBREAPER, 1); }
+
+AdoptedProcess::AdoptedProcess(pid_t pid) : pid_(pid) { remember_child(pid); }
+
+AdoptedProcess::~AdoptedProcess() {
+  if (!gone()) {
+    ::kill(pid_, SIGKILL);
+    (void)wait_exit(30s);
+  }
+  forget_child(pid_);
+}
+
+bool AdoptedProcess::gone() {
+  int raw = 0;
+  const pid_t done = ::waitpid(pid_, &raw, WNOHANG);
+  if (done == pid_) return true;
+  // Not (yet) the bench's child: its parent still runs, or it was reaped.
+  if (done < 0 && errno == ECHILD) return ::kill(pid_, 0) != 0 && errno == ESRCH;
+  return false;
+}
+
+bool AdoptedProcess::wait_exit(std::chrono::milliseconds timeout) {
+  const auto deadline = Clock::now() + timeout;
+  while (!gone()) {
+    if (Clock::now() > deadline) return false;
+    std::this_thread::sleep_for(5ms);
+  }
+  return true;
 }
 
 // ---------------------------------------------------------------------------

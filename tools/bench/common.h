@@ -101,6 +101,29 @@ class ChildProcess {
   std::optional<ExitStatus> status_;
 };
 
+// Makes the bench the reaper of its orphaned descendants: a vmm that a
+// transfer live update started becomes the bench's child once the vmm that
+// started it exits, so the bench can still kill and reap it.
+void become_subreaper();
+
+// A process the bench did not start but must not leave behind (the vmm a
+// transfer live update started): killed on interruption, and killed and
+// reaped when the object goes unless it has exited by then.
+class AdoptedProcess {
+ public:
+  explicit AdoptedProcess(pid_t pid);
+  AdoptedProcess(const AdoptedProcess&) = delete;
+  AdoptedProcess& operator=(const AdoptedProcess&) = delete;
+  ~AdoptedProcess();
+  [[nodiscard]] pid_t pid() const { return pid_; }
+  // Whether it exited within `timeout` (reaping it if it is the bench's child).
+  bool wait_exit(std::chrono::milliseconds timeout);
+
+ private:
+  bool gone();
+  pid_t pid_;
+};
+
 std::string read_text(const std::string& path);
 // The last `lines` lines of a file, for error messages.
 std::string tail(const std::string& path, size_t lines);

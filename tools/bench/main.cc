@@ -122,6 +122,7 @@ int run_blackout(BlackoutOptions& options, const std::vector<std::string>& size_
   }
 
   install_interrupt_handlers();
+  become_subreaper();
   RunInfo info;
   info.host = host_info();
   info.started_at = timestamp("%Y-%m-%dT%H:%M:%SZ", true);

@@ -432,7 +432,7 @@ void run_qemu(RunContext& context, const RamSize& size, uint32_t vcpus) {
         progress.say("{}", message);
         results.failures.push_back({path, size.label, vcpus, message});
         ++next_path;
-        return give_up("not run: an earlier QEMU handover failed");
+        return give_up(interrupted() ? "interrupted" : "not run: an earlier QEMU handover failed");
       }
       results.samples.push_back(sample);
       progress.say("update {}/{}, {}", update, updates, describe_sample(sample));

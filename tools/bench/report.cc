@@ -422,8 +422,9 @@ Result<void> write_summary(const std::string& path, const RunInfo& info, const B
   md += "\n## Phases\n\nMedian duration of each phase, in ms, in the order the system reports them. Ours: "
         "`prepare` runs before the pause and `finish` after the resume, the rest is the blackout. QEMU: "
         "`stop`, then `migrate` (x-ignore-shared: device state over a Unix socket) or `save`, `exit` (the old "
-        "QEMU quits) and `load` (via file), then `cont`.\n\n";
-  md += "| RAM | vCPUs | system | phases (median ms) |\n|---|---|---|---|\n";
+        "QEMU quits) and `load` (via file), then `cont`. RssAnon: the largest anonymous memory of the (new) VMM "
+        "process after an update, in KiB; guest RAM is never in it.\n\n";
+  md += "| RAM | vCPUs | system | phases (median ms) | RssAnon KiB |\n|---|---|---|---|---|\n";
   for (const auto& size : options.sizes)
     for (uint32_t vcpus : options.vcpus)
       for (const auto& system : systems) {
@@ -431,8 +432,12 @@ Result<void> write_summary(const std::string& path, const RunInfo& info, const B
         std::vector<std::string> parts;
         for (const auto& name : group.phase_names())
           if (auto phase = group.phase(name)) parts.push_back(fmt::format("{} {}", name, in_ms(phase->median)));
-        md += fmt::format("| {} | {} | {} | {} |\n", size.label, vcpus, system,
-                          parts.empty() ? "-" : fmt::format("{}", fmt::join(parts, " · ")));
+        std::optional<int64_t> rss;
+        for (const Sample* sample : group.samples)
+          if (sample->rss_anon_kib) rss = std::max(rss.value_or(0), *sample->rss_anon_kib);
+        md += fmt::format("| {} | {} | {} | {} | {} |\n", size.label, vcpus, system,
+                          parts.empty() ? "-" : fmt::format("{}", fmt::join(parts, " · ")),
+                          rss ? std::to_string(*rss) : "-");
       }
 
   md += "\n## Memory checks\n\n";

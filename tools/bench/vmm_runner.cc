@@ -101,7 +101,9 @@ enum class Outcome { completed, refused, unsupported };
 
 // One live update; fills `sample`. A lost connection is an error (the VM is
 // gone); a refused update is an outcome.
-Result<Outcome> one_update(Client& client, pid_t vmm_pid, const std::string& mode, uint64_t ram_bytes,
+// `vmm_pid` is the vmm's pid, updated when a transfer moves the VM to a new
+// process.
+Result<Outcome> one_update(Client& client, pid_t& vmm_pid, const std::string& mode, uint64_t ram_bytes,
                            bool guest_sweeps, Sample& sample) {
   client.set_timeout(seconds(brownout_timeout_s(ram_bytes)));
   auto reply = client.execute("live-update", {{"mode", mode}});
@@ -120,6 +122,7 @@ Result<Outcome> one_update(Client& client, pid_t vmm_pid, const std::string& mod
     return Outcome::refused;
   }
   sample.ok = true;
+  if (record.contains("pid") && record["pid"].is_number_integer()) vmm_pid = record["pid"].get<pid_t>();
   sample.blackout_us = record["blackout_us"].get<int64_t>();
   for (const auto& phase : record.value("phases", json::array()))
     sample.phases.push_back({phase.at("name").get<std::string>(), phase.at("duration_us").get<int64_t>()});
@@ -236,6 +239,9 @@ void run_vmm(RunContext& context, const RamSize& size, uint32_t vcpus) {
     give_up(stamped.error().describe() + "\nvmm log:\n" + tail(log_path, 10));
     return;
   }
+  // After a transfer update the VM runs in a process the vmm started.
+  pid_t vmm_pid = vmm->pid();
+  std::optional<AdoptedProcess> successor;
   bool guest_sweeps = false;
   if (auto swept = wait_sweep_passes(*client, 3, brownout_timeout_s(size.bytes)); !swept) {
     give_up(swept.error().describe());
@@ -259,7 +265,12 @@ void run_vmm(RunContext& context, const RamSize& size, uint32_t vcpus) {
       }
       Sample sample{.system = system, .mode = mode, .size = size.label, .size_bytes = size.bytes, .vcpus = vcpus,
                     .backing = options.backing, .update = update};
-      auto outcome = one_update(*client, vmm->pid(), mode, size.bytes, guest_sweeps, sample);
+      auto outcome = one_update(*client, vmm_pid, mode, size.bytes, guest_sweeps, sample);
+      if (vmm_pid != vmm->pid() && (!successor || successor->pid() != vmm_pid)) {
+        // The previous process hands over and exits by itself: let it.
+        if (successor) (void)successor->wait_exit(10s);
+        successor.emplace(vmm_pid);
+      }
       if (!outcome) {
         // The control connection is gone, and with it (most likely) the VM.
         sample.ok = false;
@@ -334,7 +345,7 @@ void run_vmm(RunContext& context, const RamSize& size, uint32_t vcpus) {
 
   // quit may close the connection before its reply: either way, then wait.
   (void)client->execute("quit");
-  if (auto exited = vmm->wait_exit(30s); !exited)
+  if (successor ? !successor->wait_exit(30s) : !vmm->wait_exit(30s))
     progress.say("the vmm did not exit within 30 s of quit; killing it");
 }
 
