@@ -1,7 +1,7 @@
 // vmmctl: a command-line client for the vmm control socket.
 //
 //   vmmctl -s SOCK status|stop|cont|memory|vcpus|guest|verify|quit|update-status
-//   vmmctl -s SOCK live-update [--mode exec|kexec] [--binary PATH] [--kernel PATH ...]
+//   vmmctl -s SOCK live-update [--mode transfer|exec|kexec] [--binary PATH] [--kernel PATH ...]
 //   vmmctl -s SOCK raw '{"execute": "query-status"}'     (or `raw -` for lines on stdin)
 //   vmmctl -s SOCK --wait-event STOP [stop]               (waits for an event)
 //
@@ -143,10 +143,12 @@ int main(int argc, char** argv) {
   std::string kernel;
   std::string initrd;
   std::string cmdline;
-  live_update->add_option("--mode", mode, "exec (new vmm binary) or kexec (new host kernel)")
-      ->check(CLI::IsMember({"exec", "kexec"}))
+  live_update->add_option("--mode", mode,
+                          "transfer (new vmm process built before the pause), exec (new vmm binary in this "
+                          "process) or kexec (new host kernel)")
+      ->check(CLI::IsMember({"transfer", "exec", "kexec"}))
       ->capture_default_str();
-  live_update->add_option("--binary", binary, "The vmm binary to exec");
+  live_update->add_option("--binary", binary, "The new vmm binary (transfer and exec)");
   live_update->add_option("--kernel", kernel, "Host kernel for kexec");
   live_update->add_option("--initrd", initrd, "Host initrd for kexec");
   live_update->add_option("--cmdline", cmdline, "Host kernel command line for kexec");

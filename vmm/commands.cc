@@ -104,6 +104,12 @@ control::CommandResult MachineCommands::execute(const std::string& command, cons
 
 control::CommandResult MachineCommands::execute(const std::string& command, const json& arguments,
                                                 const control::CommandContext& context) {
+  // After a transfer the VM runs in another process; this one only exits.
+  // Nothing may run, stop or update the frozen copy here meanwhile.
+  if (update_.handed_over())
+    return std::unexpected(CommandError{control::kGenericError,
+                                        "this vmm handed its VM over to a new process and is exiting; reconnect "
+                                        "to the control socket to reach it"});
   auto it = commands_.find(command);
   if (it == commands_.end())
     return std::unexpected(CommandError{control::kCommandNotFound,

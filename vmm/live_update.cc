@@ -501,7 +501,18 @@ control::CommandResult LiveUpdate::run_transfer(Attempt& attempt, const control:
   if (auto sent = transfer::send(target->channel(), "state", body, handed); !sent)
     return attempt.failed(sent.error());
   auto commit = transfer::receive(target->channel(), "commit", seconds(30));
-  if (!commit) return attempt.failed(commit.error().with_context("the new vmm could not restore the VM"));
+  if (!commit) {
+    target->abort();
+    // A commit that crossed the timeout: the guest may have run over there,
+    // so the state saved here is stale and must not run again.
+    if (auto late = transfer::receive(target->channel(), "commit", milliseconds(0)); late) {
+      attempt.paused_by_us = false;
+      attempt.was_running = false;
+      return attempt.failed(Error{ETIMEDOUT, "the new vmm committed after the 30 s wait and was stopped; the guest "
+                                             "may have run there, so this copy stays paused for an operator"});
+    }
+    return attempt.failed(commit.error().with_context("the new vmm could not restore the VM"));
+  }
 
   // Committed: the new process runs the guest and answers the client. This
   // one must not touch the VM, the socket or the connection again. It waits

@@ -505,12 +505,12 @@ int restore_vm(const CommonOptions& common, const RestoreOptions& options) {
   }
   // The blackout ends here: the vCPUs run again (or, paused before, are ready to).
   const int64_t resumed_ns = monotonic_ns();
+  if (record.blackout_started_ns > 0) record.blackout_us = (resumed_ns - record.blackout_started_ns) / 1000;
+  record.add_phase("restore", steady_clock::now() - restore_started);
   // This process's page tables for guest RAM start empty; filling them
   // now, beside the guest, takes the host fault out of KVM's re-faults.
   runtime.machine->prefault_in_background();
   runtime.update->watch_after_resume(resume_point);
-  if (record.blackout_started_ns > 0) record.blackout_us = (resumed_ns - record.blackout_started_ns) / 1000;
-  record.add_phase("restore", steady_clock::now() - restore_started);
 
   const auto finish_started = steady_clock::now();
   if (auto finished = (*session)->finish(); !finished)

@@ -15,8 +15,8 @@ struct RamSize {
 struct BlackoutOptions {
   std::vector<RamSize> sizes;                 // --sizes
   std::vector<uint32_t> vcpus{1, 2};          // --vcpus
-  int updates = 20;                           // --updates
-  int large_updates = 5;                      // --large-updates, for sizes >= kLargeSize
+  int updates = 10;                           // --updates
+  int large_updates = 3;                      // --large-updates, for sizes >= kLargeSize
   std::vector<std::string> modes{"exec", "transfer"};        // --modes
   std::vector<std::string> peers{"qemu-shared", "qemu-file"};  // --peers (empty: none)
   std::string backing = "guest_memfd";        // --backing
