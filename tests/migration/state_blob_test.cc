@@ -199,6 +199,17 @@ TEST(Crc32c, MatchesTheCastagnoliCheckValue) {
   EXPECT_EQ(crc32c({}), 0u);
 }
 
+// RFC 3720 B.4: long enough for the 8-bytes-at-a-time path, and unaligned.
+TEST(Crc32c, MatchesTheIscsiTestVectors) {
+  std::vector<uint8_t> zeros(32, 0x00), ones(32, 0xff), ascending(32), unaligned(33);
+  for (size_t i = 0; i < ascending.size(); ++i) ascending[i] = static_cast<uint8_t>(i);
+  EXPECT_EQ(crc32c(zeros), 0x8A9136AAu);
+  EXPECT_EQ(crc32c(ones), 0x62A8AB43u);
+  EXPECT_EQ(crc32c(ascending), 0x46DD794Eu);
+  std::copy(ascending.begin(), ascending.end(), unaligned.begin() + 1);
+  EXPECT_EQ(crc32c(std::span<const uint8_t>(unaligned).subspan(1)), 0x46DD794Eu);
+}
+
 TEST(StateBlob, FullyPopulatedStateRoundTripsEqual) {
   const SavedState state = full_state();
   const std::vector<uint8_t> blob = encoded(state);
