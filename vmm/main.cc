@@ -286,6 +286,8 @@ int take_over_vm(const CommonOptions& common, int channel_fd) {
   if (::fstat(state_fd.get(), &state_file) != 0) return refuse(Error{errno, "cannot stat the state memfd"});
   auto state_mapping = memory::Mapping::map_shared(state_fd.ref(), static_cast<size_t>(state_file.st_size));
   if (!state_mapping) return refuse(state_mapping.error());
+  // Mapped in now, not when the state is read inside the blackout.
+  if (auto mapped = state_mapping->populate_page_tables(); !mapped) return refuse(mapped.error());
   const auto prebuild_us = duration_cast<microseconds>(steady_clock::now() - started).count();
   if (auto sent = transfer::send(channel, "ready", {{"pid", ::getpid()}, {"prebuild_us", prebuild_us}}); !sent) {
     spdlog::error("transfer: {}", sent.error().describe());
