@@ -196,16 +196,18 @@ std::string phases_plot(const std::string& out, const BlackoutOptions& options, 
   if (names.empty()) return "";
   static const std::vector<std::string> palette{"#4c72b0", "#dd8452", "#55a868", "#c44e52",
                                                 "#8172b3", "#937860", "#da8bc3", "#8c8c8c"};
+  // One panel per mode, each with its own scale: an exec blackout is tens to
+  // hundreds of ms, a transfer one about 1-2 ms.
   std::string data, panels_text;
   size_t panels = 0;
-  for (uint32_t vcpus : options.vcpus) {
+  for (const auto& mode : options.modes) {
     std::string rows;
     for (const auto& size : options.sizes)
-      for (const auto& mode : options.modes) {
+      for (uint32_t vcpus : options.vcpus) {
         const Group group = group_of(results.samples, "vmm-" + mode, size.label, size.bytes, vcpus);
         const auto blackout = group.blackout();
         if (!blackout) continue;
-        rows += fmt::format("\"{} {}\"", size.label, mode);
+        rows += fmt::format("\"{} {}\"", size.label, vcpus == 1 ? "1 vCPU" : std::to_string(vcpus) + " vCPUs");
         for (const auto& name : names) {
           const auto phase = group.phase(name);
           rows += fmt::format(" {}", phase ? static_cast<double>(phase->median) / 1e3 : 0.0);
@@ -214,7 +216,8 @@ std::string phases_plot(const std::string& out, const BlackoutOptions& options, 
       }
     if (rows.empty()) continue;
     ++panels;
-    const std::string block = fmt::format("$phases_{}", vcpus);
+    std::string block = fmt::format("$phases_{}", mode);
+    std::ranges::replace(block, '-', '_');
     data += fmt::format("{} << EOD\n{}EOD\n", block, rows);
     std::vector<std::string> series;
     for (size_t i = 0; i < names.size(); ++i)
@@ -222,7 +225,7 @@ std::string phases_plot(const std::string& out, const BlackoutOptions& options, 
                                    i == 0 ? ":xtic(1)" : "", names[i], palette[i % palette.size()]));
     series.push_back(fmt::format("'' using 0:{} with points pt 9 ps 1.6 lc rgb 'black' title 'blackout'",
                                  names.size() + 2));
-    panels_text += fmt::format("set title '{} {}'\nplot {}\n", vcpus, vcpu_word(vcpus), fmt::join(series, ", \\\n     "));
+    panels_text += fmt::format("set title '{} mode'\nplot {}\n", mode, fmt::join(series, ", \\\n     "));
   }
   if (panels == 0) return "";
   std::string script = terminal(out, "phases.png", panels);
