@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job: set up, build, launch the default VM (the embedded test guest
 # in 256 MiB of guest_memfd RAM plus a 16 MiB shared memfd), show it running
-# through its control socket, live-update it (exec of a new vmm binary,
-# guest memory kept in place), verify the guest, and shut it down cleanly.
+# through its control socket, live-update it twice with guest memory kept in
+# place (exec of a new vmm binary in the same process, then transfer to a new
+# vmm process built before the pause), verify the guest, and shut it down.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tools/setup.sh
@@ -16,6 +17,7 @@ step() { printf '\n== %s\n' "$*"; }
 
 cleanup() {
   if [[ -n "${vmm_pid:-}" ]] && kill -0 "$vmm_pid" 2>/dev/null; then kill "$vmm_pid"; wait "$vmm_pid" || true; fi
+  if [[ -n "${new_pid:-}" ]] && kill -0 "$new_pid" 2>/dev/null; then kill "$new_pid" || true; fi
   rm -rf "$workdir"
 }
 trap cleanup EXIT
@@ -72,13 +74,31 @@ echo "RssAnon of vmm (pid $pid_before) after the update: $(grep RssAnon /proc/$p
 step "verify every page of guest RAM after the update"
 vmmctl verify
 
+step "live update: transfer to a new vmm process that builds its VM before the pause"
+vmmctl live-update --mode transfer
+new_pid=$(vmmctl --json update-status | grep -o '"pid":[0-9]*' | cut -d: -f2)
+status=0
+wait "$vmm_pid" || status=$?
+echo "the old vmm (pid $vmm_pid) handed the VM to pid $new_pid and exited with status $status"
+vmm_pid=""
+[[ "$status" == 0 && -n "$new_pid" && "$new_pid" != "$pid_before" ]] || { echo "the transfer did not move the VM"; exit 1; }
+sleep 0.5
+vmmctl update-status
+inodes_after=$(vmmctl --json memory | grep -o '"inode":[0-9]*' | tr '\n' ' ')
+echo "memory inodes after:  $inodes_after"
+[[ "$inodes_before" == "$inodes_after" ]] || { echo "guest memory moved"; exit 1; }
+echo "RssAnon of the new vmm (pid $new_pid): $(grep RssAnon /proc/$new_pid/status | awk '{print $2, $3}')"
+
+step "verify every page of guest RAM after the transfer"
+vmmctl verify
+
 step "quit"
 vmmctl quit >/dev/null
-wait "$vmm_pid"
-status=$?
-vmm_pid=""
-echo "vmm exited with status $status"
+# The new vmm is not this shell's child: wait for it to go away.
+for _ in $(seq 1 500); do kill -0 "$new_pid" 2>/dev/null || break; sleep 0.01; done
+if kill -0 "$new_pid" 2>/dev/null; then echo "vmm (pid $new_pid) did not exit"; exit 1; fi
+echo "vmm (pid $new_pid) exited"
+new_pid=""
 [[ ! -e "$socket" ]] && echo "control socket removed"
-
 step "guest console (last lines)"
 tail -n 8 "$console"
