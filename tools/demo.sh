@@ -22,8 +22,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-step "launch: build/bin/vmm run --control-socket $socket --console $console"
-build/bin/vmm run --control-socket "$socket" --console "$console" &
+# sweep-ms=50: the guest re-reads all of its RAM every 50 ms, so the update
+# can report the brown-out (how long the rebuilt VM took to re-fault it).
+step "launch: build/bin/vmm run --cmdline sweep-ms=50 --control-socket $socket --console $console"
+build/bin/vmm run --cmdline sweep-ms=50 --control-socket "$socket" --console "$console" &
 vmm_pid=$!
 for _ in $(seq 1 500); do [[ -S "$socket" ]] && break; sleep 0.01; done
 [[ -S "$socket" ]] || { echo "vmm did not create its control socket"; exit 1; }
@@ -82,7 +84,8 @@ wait "$vmm_pid" || status=$?
 echo "the old vmm (pid $vmm_pid) handed the VM to pid $new_pid and exited with status $status"
 vmm_pid=""
 [[ "$status" == 0 && -n "$new_pid" && "$new_pid" != "$pid_before" ]] || { echo "the transfer did not move the VM"; exit 1; }
-sleep 0.5
+# The brown-out is known once the guest's RAM sweep runs at its old speed again.
+for _ in $(seq 1 100); do vmmctl --json update-status | grep -q '"brownout_status":"pending"' || break; sleep 0.1; done
 vmmctl update-status
 inodes_after=$(vmmctl --json memory | grep -o '"inode":[0-9]*' | tr '\n' ' ')
 echo "memory inodes after:  $inodes_after"
