@@ -58,6 +58,12 @@ class Vcpu {
   [[nodiscard]] Result<void> set_vcpu_events(const kvm_vcpu_events& events);
   [[nodiscard]] Result<kvm_debugregs> get_debugregs() const;
   [[nodiscard]] Result<void> set_debugregs(const kvm_debugregs& debugregs);
+  // KVM_SET_CPUID2 with exactly these entries (e.g. a vCPU built ahead of a
+  // restore); restore() skips setting them again when the state's CPUID
+  // differs only in the bits KVM itself keeps up to date.
+  [[nodiscard]] Result<void> preset_cpuid(std::span<const kvm_cpuid_entry2> entries);
+  // The entries this object last gave KVM_SET_CPUID2 (empty: none yet).
+  [[nodiscard]] const std::vector<kvm_cpuid_entry2>& cpuid_set() const { return cpuid_set_; }
   // KVM_GET_CPUID2: the entries in effect, as KVM adjusted them.
   [[nodiscard]] Result<std::vector<kvm_cpuid_entry2>> get_cpuid() const;
   [[nodiscard]] Result<uint64_t> get_tsc_khz() const;
@@ -83,6 +89,16 @@ class Vcpu {
   uint32_t id_ = 0;
   kvm_run* run_ = nullptr;
   int mmap_size_ = 0;
+  std::vector<kvm_cpuid_entry2> cpuid_set_;
+  // After preset_cpuid(): the entries as KVM reports them back (it drops and
+  // adjusts some), which is the form a saved state's CPUID has.
+  std::vector<kvm_cpuid_entry2> cpuid_preset_effective_;
 };
+
+// True when `a` and `b` differ at most in the CPUID bits KVM recomputes
+// whenever CR4, XCR0, XSS, APIC_BASE or MISC_ENABLE change
+// (kvm_update_cpuid_runtime): restoring those registers sets them anyway.
+[[nodiscard]] bool same_cpuid_but_runtime_bits(std::span<const kvm_cpuid_entry2> a,
+                                               std::span<const kvm_cpuid_entry2> b);
 
 }  // namespace vmm::kvm

@@ -464,7 +464,8 @@ control::CommandResult LiveUpdate::run_transfer(Attempt& attempt, const control:
   }
   files.push_back(state.fd.ref());
   json hello = {{"name", machine_.config().name}, {"vcpus", machine_.config().vcpus},
-                {"regions", transfer::layout_to_json(layout)}, {"prefault", request.prefault}};
+                {"regions", transfer::layout_to_json(layout)}, {"prefault", request.prefault},
+                {"cpuid", transfer::cpuid_to_json(machine_.vcpu_cpuid())}};
   if (request.fault == Fault::target_refuses) hello["x-inject"] = to_string(request.fault);
   if (auto sent = transfer::send(target->channel(), "hello", hello, files); !sent)
     return attempt.failed(sent.error());

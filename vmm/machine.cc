@@ -155,14 +155,15 @@ Result<void> Machine::prepare_vm(kvm::Vm& vm) {
 }
 
 Result<std::unique_ptr<Machine>> Machine::assemble(MachineConfig config, Host host, kvm::Vm vm,
-                                                   memory::GuestMemory memory) {
+                                                   memory::GuestMemory memory,
+                                                   const std::vector<std::vector<kvm_cpuid_entry2>>& cpuid) {
   VMM_TRY_ASSIGN(console, open_console(config));
   UniqueFd shutdown_event(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
   if (!shutdown_event) return fail_errno("cannot create the shutdown eventfd");
   std::unique_ptr<Machine> machine(new Machine(std::move(config), std::move(host.system), host.caps, std::move(vm),
                                                std::move(memory), std::move(shutdown_event)));
   VMM_TRY(machine->build_devices(std::move(console)));
-  VMM_TRY(machine->create_empty_vcpus());
+  VMM_TRY(machine->create_empty_vcpus(cpuid));
   // Threads parked from the start: load_state() runs each vCPU's ioctls on
   // its own thread, and resuming later is a message that cannot fail.
   VMM_TRY(machine->start(false));
@@ -222,7 +223,10 @@ Result<std::unique_ptr<Machine>> Machine::prebuild(MachineConfig config, Prebuil
                     memory::format_size(region->size()), duration_cast<microseconds>(steady_clock::now() - begin).count());
     }
   }
-  VMM_TRY_ASSIGN(machine, assemble(std::move(config), std::move(host), std::move(vm), std::move(memory)));
+  if (!inputs.cpuid.empty() && inputs.cpuid.size() != config.vcpus)
+    return fail(fmt::format("got CPUID for {} vCPUs of {}", inputs.cpuid.size(), config.vcpus), EINVAL);
+  VMM_TRY_ASSIGN(machine, assemble(std::move(config), std::move(host), std::move(vm), std::move(memory),
+                                   inputs.cpuid));
   spdlog::debug("VM '{}' prebuilt in {} us", machine->config_.name,
                 duration_cast<microseconds>(steady_clock::now() - started).count());
   return machine;
@@ -274,11 +278,13 @@ Result<void> Machine::load_state(const migration::SavedState& state) {
   return {};
 }
 
-Result<void> Machine::create_empty_vcpus() {
+Result<void> Machine::create_empty_vcpus(const std::vector<std::vector<kvm_cpuid_entry2>>& cpuid) {
   VMM_TRY_ASSIGN(msrs, system_.msrs_to_save());
   msrs_to_save_ = std::move(msrs);
   for (uint32_t id = 0; id < config_.vcpus; ++id) {
     VMM_TRY_ASSIGN(vcpu, vm_.create_vcpu(id));
+    if (id < cpuid.size() && !cpuid[id].empty())
+      VMM_TRY(with_context(vcpu.preset_cpuid(cpuid[id]), fmt::format("presetting the CPUID of vCPU {}", id)));
     vcpus_.push_back(std::make_unique<VcpuThread>(std::move(vcpu), *this));
   }
   return {};
@@ -488,6 +494,12 @@ void Machine::stop() {
   if (serial_) serial_->flush();
   std::lock_guard lock(state_mutex_);
   state_ = RunState::shutdown;
+}
+
+std::vector<std::vector<kvm_cpuid_entry2>> Machine::vcpu_cpuid() const {
+  std::vector<std::vector<kvm_cpuid_entry2>> out;
+  for (const auto& vcpu : vcpus_) out.push_back(vcpu->cpuid_set());
+  return out;
 }
 
 std::vector<RegionInfo> Machine::memory_info() const {

@@ -63,6 +63,9 @@ struct PrebuildInputs {
   // Fill this process's page tables for guest RAM ahead of time, so KVM's
   // re-faults after the resume skip the host page fault (the brown-out).
   bool prefault = true;
+  // Each vCPU's CPUID as the running VM has it (empty: set at load_state):
+  // set now, it need not be set again inside the blackout.
+  std::vector<std::vector<kvm_cpuid_entry2>> cpuid;
 };
 
 inline constexpr uint32_t kMaxVcpus = 32;  // the test guest protocol's limit
@@ -136,6 +139,9 @@ class Machine final : public VcpuExitHandler {
   // resume would lengthen the blackout). stop() ends it.
   void prefault_in_background();
 
+  // Each vCPU's CPUID as last set (for a transfer's new process to preset).
+  [[nodiscard]] std::vector<std::vector<kvm_cpuid_entry2>> vcpu_cpuid() const;
+
   [[nodiscard]] std::vector<RegionInfo> memory_info() const;
   [[nodiscard]] std::vector<VcpuInfo> vcpu_info() const;
   [[nodiscard]] devices::TestGuestLink& guest() { return *guest_link_; }
@@ -167,14 +173,15 @@ class Machine final : public VcpuExitHandler {
   [[nodiscard]] static Result<void> prepare_vm(kvm::Vm& vm);
   [[nodiscard]] Result<void> build_devices(devices::ConsoleSink console);
   [[nodiscard]] Result<void> create_vcpus(uint32_t entry);
-  [[nodiscard]] Result<void> create_empty_vcpus();
+  [[nodiscard]] Result<void> create_empty_vcpus(const std::vector<std::vector<kvm_cpuid_entry2>>& cpuid);
   // Runs task(i, vcpu) on every parked vCPU's own thread, all at once (the
   // save and load of a live update's blackout); the first error wins.
   [[nodiscard]] Result<void> on_every_vcpu(const std::function<Result<void>(size_t, kvm::Vcpu&)>& task);
   [[nodiscard]] Result<void> restore_vcpus(const std::vector<kvm::VcpuState>& states);
   // The part of create/restore/prebuild after the VM and its memory exist.
-  [[nodiscard]] static Result<std::unique_ptr<Machine>> assemble(MachineConfig config, Host host, kvm::Vm vm,
-                                                                 memory::GuestMemory memory);
+  [[nodiscard]] static Result<std::unique_ptr<Machine>> assemble(
+      MachineConfig config, Host host, kvm::Vm vm, memory::GuestMemory memory,
+      const std::vector<std::vector<kvm_cpuid_entry2>>& cpuid = {});
 
   MachineConfig config_;
   kvm::System system_;

@@ -278,9 +278,11 @@ int take_over_vm(const CommonOptions& common, int channel_fd) {
   apply_console(common, config);
   config.name = hello->body.value("name", "vm");
   config.vcpus = hello->body.value("vcpus", 0u);
+  auto cpuid = transfer::cpuid_from_json(hello->body.value("cpuid", json::array()));
+  if (!cpuid) return refuse(cpuid.error());
   auto machine = Machine::prebuild(config, PrebuildInputs{std::move(*layout), std::move(hello->fds),
                                                           memory::SlotKind::userspace,
-                                                          hello->body.value("prefault", true)});
+                                                          hello->body.value("prefault", true), std::move(*cpuid)});
   if (!machine) return refuse(machine.error());
   struct stat state_file{};
   if (::fstat(state_fd.get(), &state_file) != 0) return refuse(Error{errno, "cannot stat the state memfd"});

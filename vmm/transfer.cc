@@ -4,6 +4,7 @@
 #include <spawn.h>
 #include <sys/wait.h>
 
+#include <cstdio>
 #include <cstring>
 
 #include <fmt/format.h>
@@ -79,6 +80,39 @@ Result<memory::MemoryLayout> layout_from_json(const json& regions) {
     return fail(std::string("the memory layout sent by the old vmm is malformed: ") + e.what(), EPROTO);
   }
   return layout;
+}
+
+json cpuid_to_json(const std::vector<std::vector<kvm_cpuid_entry2>>& cpuid) {
+  json out = json::array();
+  for (const auto& entries : cpuid) {
+    std::string text;
+    text.reserve(entries.size() * sizeof(kvm_cpuid_entry2) * 2);
+    const auto* bytes = reinterpret_cast<const uint8_t*>(entries.data());
+    for (size_t i = 0; i < entries.size() * sizeof(kvm_cpuid_entry2); ++i) text += fmt::format("{:02x}", bytes[i]);
+    out.push_back(std::move(text));
+  }
+  return out;
+}
+
+Result<std::vector<std::vector<kvm_cpuid_entry2>>> cpuid_from_json(const json& cpuid) {
+  std::vector<std::vector<kvm_cpuid_entry2>> out;
+  if (!cpuid.is_array()) return fail("the CPUID sent by the old vmm is not an array", EPROTO);
+  for (const auto& text : cpuid) {
+    if (!text.is_string()) return fail("the CPUID sent by the old vmm is malformed", EPROTO);
+    const std::string& hex = text.get_ref<const std::string&>();
+    if (hex.size() % (2 * sizeof(kvm_cpuid_entry2)) != 0)
+      return fail("the CPUID sent by the old vmm is not whole entries", EPROTO);
+    std::vector<kvm_cpuid_entry2> entries(hex.size() / (2 * sizeof(kvm_cpuid_entry2)));
+    auto* bytes = reinterpret_cast<uint8_t*>(entries.data());
+    for (size_t i = 0; i < hex.size() / 2; ++i) {
+      unsigned value = 0;
+      if (std::sscanf(hex.c_str() + 2 * i, "%2x", &value) != 1)
+        return fail("the CPUID sent by the old vmm is not hex", EPROTO);
+      bytes[i] = static_cast<uint8_t>(value);
+    }
+    out.push_back(std::move(entries));
+  }
+  return out;
 }
 
 Result<Target> Target::spawn(const std::string& binary, const std::vector<std::string>& args) {

@@ -9,7 +9,8 @@
 // state, says "commit", resumes the guest and says "resumed"; only then does
 // the old one tear its VM down (at idle priority) and exit.
 //
-//   old -> new  hello   {name, vcpus, regions[]}    fds: every region, state memfd
+//   old -> new  hello   {name, vcpus, regions[], cpuid[], prefault}
+//                                                   fds: every region, state memfd
 //   new -> old  ready   {pid, prebuild_us}          | error {message}
 //   old -> new  state   {bytes, record, reply_id?, socket, connection, fault}
 //                                                   fds: [listening socket] [connection]
@@ -28,6 +29,8 @@
 #include <span>
 #include <string>
 #include <vector>
+
+#include <linux/kvm.h>
 
 #include <nlohmann/json.hpp>
 
@@ -53,6 +56,9 @@ struct Message {
 
 [[nodiscard]] nlohmann::json layout_to_json(const memory::MemoryLayout& layout);
 [[nodiscard]] Result<memory::MemoryLayout> layout_from_json(const nlohmann::json& regions);
+// Each vCPU's CPUID entries, as hex strings of the raw kvm_cpuid_entry2s.
+[[nodiscard]] nlohmann::json cpuid_to_json(const std::vector<std::vector<kvm_cpuid_entry2>>& cpuid);
+[[nodiscard]] Result<std::vector<std::vector<kvm_cpuid_entry2>>> cpuid_from_json(const nlohmann::json& cpuid);
 
 // The old process's handle on the new one.
 class Target {

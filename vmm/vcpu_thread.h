@@ -14,6 +14,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "kvm/result.h"
 #include "kvm/vcpu.h"
@@ -69,6 +70,8 @@ class VcpuThread {
   [[nodiscard]] Result<void> wait_task();
 
   [[nodiscard]] uint32_t id() const { return id_; }
+  // The CPUID last set on this vCPU (only ever set while it is parked).
+  [[nodiscard]] const std::vector<kvm_cpuid_entry2>& cpuid_set() const { return vcpu_.cpuid_set(); }
   [[nodiscard]] pid_t thread_id() const { return thread_id_.load(); }
   [[nodiscard]] State state() const;
   [[nodiscard]] VcpuExitCounts exit_counts() const;

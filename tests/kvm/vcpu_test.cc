@@ -145,6 +145,68 @@ TEST_F(VcpuTest, SaveRestoreRoundTripIntoAnotherVm) {
   }
 }
 
+// A transfer's new vmm presets each vCPU's CPUID before the pause; restore()
+// then skips KVM_SET_CPUID2 when only the bits KVM keeps up to date differ.
+// Either way the restored vCPU must end with exactly the saved CPUID.
+TEST_F(VcpuTest, RestoreOntoAPresetCpuidEndsWithTheSavedCpuid) {
+  auto source_vm = make_vm();
+  ASSERT_TRUE(source_vm);
+  auto source = make_vcpu(*source_vm, 0);
+  ASSERT_TRUE(source) << source.error().describe();
+  // Make the runtime bits move: CR4.OSXSAVE (CPUID.1:ECX.OSXSAVE) and XCR0
+  // (the XSAVE area sizes of leaf 0xD).
+  auto sregs = source->get_sregs();
+  ASSERT_TRUE(sregs);
+  sregs->cr4 |= 1u << 18;
+  ASSERT_TRUE(source->set_sregs(*sregs)) << "CR4.OSXSAVE";
+  auto xcrs = source->get_xcrs();
+  ASSERT_TRUE(xcrs);
+  xcrs->nr_xcrs = 1;
+  xcrs->xcrs[0].xcr = 0;
+  xcrs->xcrs[0].value = 0x7;  // x87 | SSE | AVX
+  ASSERT_TRUE(source->set_xcrs(*xcrs));
+  auto msr_indices = system().msrs_to_save();
+  ASSERT_TRUE(msr_indices);
+  auto saved = source->save(*msr_indices);
+  ASSERT_TRUE(saved) << saved.error().describe();
+
+  for (bool alter : {false, true}) {
+    SCOPED_TRACE(alter ? "preset differs in a real feature bit" : "preset as the source had it");
+    auto target_vm = make_vm();
+    ASSERT_TRUE(target_vm);
+    auto target = target_vm->create_vcpu(0);
+    ASSERT_TRUE(target);
+    std::vector<kvm_cpuid_entry2> preset = source->cpuid_set();
+    ASSERT_FALSE(preset.empty());
+    if (alter) {
+      for (auto& entry : preset)
+        if (entry.function == 1) entry.edx &= ~(1u << 23);  // MMX: not a runtime bit
+    }
+    ASSERT_TRUE(target->preset_cpuid(preset));
+    auto restored = target->restore(*saved);
+    ASSERT_TRUE(restored) << restored.error().describe();
+    auto effective = target->get_cpuid();
+    ASSERT_TRUE(effective);
+    ASSERT_EQ(effective->size(), saved->cpuid.size());
+    for (size_t i = 0; i < effective->size(); ++i)
+      EXPECT_TRUE(same_bytes((*effective)[i], saved->cpuid[i])) << "leaf " << std::hex << saved->cpuid[i].function
+                                                                << "." << saved->cpuid[i].index;
+  }
+}
+
+TEST(CpuidCompare, IgnoresOnlyTheBitsKvmKeepsUpToDate) {
+  kvm_cpuid_entry2 leaf1{};
+  leaf1.function = 1;
+  leaf1.ecx = 1u << 27;
+  kvm_cpuid_entry2 other = leaf1;
+  other.ecx = 0;  // OSXSAVE differs: runtime
+  other.edx = 1u << 9;  // APIC differs: runtime
+  EXPECT_TRUE(same_cpuid_but_runtime_bits(std::span(&leaf1, 1), std::span(&other, 1)));
+  other.edx |= 1u << 23;  // MMX differs: real
+  EXPECT_FALSE(same_cpuid_but_runtime_bits(std::span(&leaf1, 1), std::span(&other, 1)));
+  EXPECT_FALSE(same_cpuid_but_runtime_bits(std::span(&leaf1, 1), {}));
+}
+
 TEST_F(VcpuTest, RestoreRefusesAnotherVcpusState) {
   auto vm = make_vm();
   ASSERT_TRUE(vm) << vm.error().describe();
