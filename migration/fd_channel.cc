@@ -4,6 +4,7 @@
 #include <poll.h>
 #include <sys/socket.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include <fmt/format.h>
@@ -64,14 +65,18 @@ Result<FdMessage> FdChannel::receive(std::optional<std::chrono::milliseconds> ti
     int wait_ms = -1;
     if (timeout) {
       const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
-      if (left.count() <= 0) return fail("timed out waiting on the transfer channel", ETIMEDOUT);
-      wait_ms = static_cast<int>(left.count());
+      wait_ms = static_cast<int>(std::max<int64_t>(0, left.count()));
     }
+    // Polled at least once, so a zero timeout still finds a queued message.
     pollfd ready{socket_.get(), POLLIN, 0};
     const int polled = ::poll(&ready, 1, wait_ms);
     if (polled < 0 && errno == EINTR) continue;
     if (polled < 0) return fail_errno("cannot wait on the transfer channel");
-    if (polled == 0) continue;  // the deadline check above reports it
+    if (polled == 0) {
+      if (timeout && std::chrono::steady_clock::now() >= deadline)
+        return fail("timed out waiting on the transfer channel", ETIMEDOUT);
+      continue;
+    }
 
     std::string payload(kMaxPayload, '\0');
     iovec io{payload.data(), payload.size()};

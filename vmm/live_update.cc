@@ -469,7 +469,8 @@ control::CommandResult LiveUpdate::run_transfer(Attempt& attempt, const control:
   if (request.fault == Fault::target_refuses) hello["x-inject"] = to_string(request.fault);
   if (auto sent = transfer::send(target->channel(), "hello", hello, files); !sent)
     return attempt.failed(sent.error());
-  // Building a VM takes a few ms plus ~1.5 ms per GiB of memslots here.
+  // Building a VM takes a few ms, plus per GiB ~1.5 ms of memslots and
+  // ~0.15-0.3 s of page-table prefault here.
   const auto build_timeout = seconds(30) + seconds(machine_.config().ram_size >> 30);
   auto ready = transfer::receive(target->channel(), "ready", build_timeout);
   if (!ready) return attempt.failed(ready.error().with_context("the new vmm could not build the VM"));
