@@ -36,10 +36,6 @@ using vmm::control::Client;
 
 namespace {
 
-std::string unit_label(const std::string& path, const RamSize& size, uint32_t vcpus) {
-  return fmt::format("{} {} {}", path, size.label, vcpus_label(vcpus));
-}
-
 class Qemu {
  public:
   static Result<Qemu> start(const RunContext& context, const RamSize& size, uint32_t vcpus,
@@ -342,31 +338,17 @@ void run_qemu(RunContext& context, const RamSize& size, uint32_t vcpus) {
   Progress& progress = context.progress;
   RunResults& results = context.results;
   const int updates = options.updates_for(size);
-  size_t next_path = 0;
-  size_t begun = 0;
-  auto begin_path = [&](size_t path) {
-    for (; begun <= path; ++begun) progress.begin(unit_label(options.peers[begun], size, vcpus));
-  };
-  auto give_up = [&](const std::string& message) {
-    for (; next_path < options.peers.size(); ++next_path) {
-      begin_path(next_path);
-      progress.say("not measured: {}", message);
-      results.failures.push_back({options.peers[next_path], size.label, vcpus, message});
-    }
-  };
-
-  begin_path(0);
-  if (size.bytes % kMiB != 0) return give_up("QEMU needs a RAM size in whole MiB");
-  if (const uint64_t available = memory_available(); available != 0 && available < size.bytes + kGiB)
-    return give_up(fmt::format("the host has {:.1f} GiB available, less than the guest's {} plus 1 GiB",
-                               gib(available), size.label));
+  Units units(context, options.peers, "", "", size, vcpus);
+  units.begin(0);
+  if (size.bytes % kMiB != 0) return units.give_up("QEMU needs a RAM size in whole MiB");
+  if (auto shortfall = memory_shortfall(size)) return units.give_up(*shortfall);
   auto directory = TempDir::create(options.work_dir, "vmm-bench-qemu");
-  if (!directory) return give_up(directory.error().describe());
+  if (!directory) return units.give_up(directory.error().describe());
   if (std::ranges::find(options.peers, "qemu-file") != options.peers.end()) {
     struct statvfs disk{};
     if (::statvfs(directory->path().c_str(), &disk) == 0 &&
         static_cast<uint64_t>(disk.f_bavail) * disk.f_frsize < size.bytes + kGiB)
-      return give_up(fmt::format("{} has less free space than the guest's {} plus 1 GiB for qemu-file's state file",
+      return units.give_up(fmt::format("{} has less free space than the guest's {} plus 1 GiB for qemu-file's state file",
                                  options.work_dir, size.label));
   }
   Paths paths{directory->path(), fmt::format("{}/qemu-{}-{}vcpu", context.logs_dir, size.label, vcpus)};
@@ -377,11 +359,11 @@ void run_qemu(RunContext& context, const RamSize& size, uint32_t vcpus) {
   progress.say("booting {} with {} of RAM on {}", options.qemu, size.label, options.shm_dir);
   auto first = Qemu::start(context, size, vcpus, chain.ram->path(), paths.directory, paths.log_base, first_index,
                            /*incoming=*/false);
-  if (!first) return give_up(first.error().describe());
+  if (!first) return units.give_up(first.error().describe());
   chain.qemu.emplace(std::move(*first));
   auto view = GuestView::open(chain.ram->path(), size.bytes);
-  if (!view) return give_up(view.error().describe());
-  if (auto located = view->locate(30s); !located) return give_up(located.error().describe());
+  if (!view) return units.give_up(view.error().describe());
+  if (auto located = view->locate(30s); !located) return units.give_up(located.error().describe());
   chain.struct_offset = *view->offset();
   chain.view.emplace(std::move(*view));
 
@@ -389,9 +371,9 @@ void run_qemu(RunContext& context, const RamSize& size, uint32_t vcpus) {
   const auto started = Clock::now();
   auto next_report = started + 5s;
   while (chain.view->phase() != VMM_GUEST_PHASE_RUNNING) {
-    if (interrupted()) return give_up("interrupted");
+    if (interrupted()) return units.give_up("interrupted");
     if (Clock::now() > started + seconds(stamp_timeout_s(size.bytes)))
-      return give_up(fmt::format("the guest did not stamp its RAM within {:.0f} s", stamp_timeout_s(size.bytes)));
+      return units.give_up(fmt::format("the guest did not stamp its RAM within {:.0f} s", stamp_timeout_s(size.bytes)));
     if (Clock::now() > next_report) {
       const uint64_t total = chain.view->pages_total();
       progress.say("booting: the guest stamped {:.0f}% of its RAM",
@@ -406,8 +388,8 @@ void run_qemu(RunContext& context, const RamSize& size, uint32_t vcpus) {
     const uint64_t passes = chain.view->sweep_passes();
     const auto deadline = Clock::now() + seconds(brownout_timeout_s(size.bytes));
     while (chain.view->sweep_passes() < passes + 3) {
-      if (interrupted()) return give_up("interrupted");
-      if (Clock::now() > deadline) return give_up("the guest's RAM sweep made no 3 passes in time");
+      if (interrupted()) return units.give_up("interrupted");
+      if (Clock::now() > deadline) return units.give_up("the guest's RAM sweep made no 3 passes in time");
       nap(20ms);
     }
   } else {
@@ -415,11 +397,11 @@ void run_qemu(RunContext& context, const RamSize& size, uint32_t vcpus) {
                  "no brown-out can be measured");
   }
 
-  for (; next_path < options.peers.size(); ++next_path) {
-    const std::string& path = options.peers[next_path];
-    begin_path(next_path);
+  for (; units.next < options.peers.size(); ++units.next) {
+    const std::string& path = options.peers[units.next];
+    units.begin(units.next);
     for (int update = 1; update <= updates; ++update) {
-      if (interrupted()) return give_up("interrupted");
+      if (interrupted()) return units.give_up("interrupted");
       Sample sample{.system = path, .mode = path == "qemu-shared" ? "x-ignore-shared" : "file",
                     .size = size.label, .size_bytes = size.bytes, .vcpus = vcpus, .backing = "shm-file",
                     .update = update};
@@ -431,8 +413,8 @@ void run_qemu(RunContext& context, const RamSize& size, uint32_t vcpus) {
         const std::string message = fmt::format("handover {} failed: {}", update, done.error().describe());
         progress.say("{}", message);
         results.failures.push_back({path, size.label, vcpus, message});
-        ++next_path;
-        return give_up(interrupted() ? "interrupted" : "not run: an earlier QEMU handover failed");
+        ++units.next;
+        return units.give_up(interrupted() ? "interrupted" : "not run: an earlier QEMU handover failed");
       }
       results.samples.push_back(sample);
       progress.say("update {}/{}, {}", update, updates, describe_sample(sample));

@@ -4,7 +4,10 @@
 // results, and never throws a failure further: the next configuration runs.
 #pragma once
 
+#include <cstddef>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "tools/bench/options.h"
 #include "tools/bench/progress.h"
@@ -19,6 +22,34 @@ struct RunContext {
   std::string logs_dir;      // the vmm's and QEMU's logs and consoles
   uint64_t host_tsc_khz = 0; // calibrated at start, for guests that publish no tsc_khz
 };
+
+// The progress units of one configuration (our modes, or QEMU's paths),
+// measured in order. give_up() reports every unit not measured yet, with
+// the reason, so the run goes on with the next configuration.
+class Units {
+ public:
+  // A unit is shown as `label_prefix` + name and reported as system
+  // `system_prefix` + name.
+  Units(RunContext& context, const std::vector<std::string>& names, std::string label_prefix,
+        std::string system_prefix, const RamSize& size, uint32_t vcpus);
+  // Begins the progress unit `index`, and any before it not begun yet.
+  void begin(size_t index);
+  void give_up(const std::string& message);
+
+  size_t next = 0;  // the first unit not measured yet
+
+ private:
+  RunContext& context_;
+  const std::vector<std::string>& names_;
+  const std::string label_prefix_, system_prefix_;
+  const RamSize& size_;
+  const uint32_t vcpus_;
+  size_t begun_ = 0;
+};
+
+// Why the host cannot hold a guest of `size` now (its RAM plus 1 GiB
+// available), or nothing when it can or cannot tell.
+[[nodiscard]] std::optional<std::string> memory_shortfall(const RamSize& size);
 
 // Boots the vmm once and runs --updates live updates in each mode of
 // --modes, then guest-verify after each mode. One progress unit per mode.

@@ -17,11 +17,32 @@ using vmm::control::Client;
 double stamp_timeout_s(uint64_t ram_bytes) { return 60.0 + 60.0 * gib(ram_bytes); }
 double brownout_timeout_s(uint64_t ram_bytes) { return 120.0 + 10.0 * gib(ram_bytes); }
 
-namespace {
+Units::Units(RunContext& context, const std::vector<std::string>& names, std::string label_prefix,
+             std::string system_prefix, const RamSize& size, uint32_t vcpus)
+    : context_(context), names_(names), label_prefix_(std::move(label_prefix)),
+      system_prefix_(std::move(system_prefix)), size_(size), vcpus_(vcpus) {}
 
-std::string unit_label(const std::string& mode, const RamSize& size, uint32_t vcpus) {
-  return fmt::format("vmm {} {} {}", mode, size.label, vcpus_label(vcpus));
+void Units::begin(size_t index) {
+  for (; begun_ <= index && begun_ < names_.size(); ++begun_)
+    context_.progress.begin(fmt::format("{}{} {} {}", label_prefix_, names_[begun_], size_.label, vcpus_label(vcpus_)));
 }
+
+void Units::give_up(const std::string& message) {
+  for (; next < names_.size(); ++next) {
+    begin(next);
+    context_.progress.say("not measured: {}", message);
+    context_.results.failures.push_back({system_prefix_ + names_[next], size_.label, vcpus_, message});
+  }
+}
+
+std::optional<std::string> memory_shortfall(const RamSize& size) {
+  const uint64_t available = memory_available();
+  if (available == 0 || available >= size.bytes + kGiB) return std::nullopt;
+  return fmt::format("the host has {:.1f} GiB available, less than the guest's {} plus 1 GiB", gib(available),
+                     size.label);
+}
+
+namespace {
 
 Result<Client> connect_when_ready(const std::string& socket_path, ChildProcess& vmm, const std::string& log_path) {
   const auto deadline = Clock::now() + 30s;
@@ -189,30 +210,15 @@ void run_vmm(RunContext& context, const RamSize& size, uint32_t vcpus) {
   Progress& progress = context.progress;
   RunResults& results = context.results;
   const int updates = options.updates_for(size);
-  size_t next_mode = 0;  // the first mode not measured yet
-  size_t begun = 0;      // modes whose progress unit has begun
-  auto begin_mode = [&](size_t mode) {
-    for (; begun <= mode; ++begun) progress.begin(unit_label(options.modes[begun], size, vcpus));
-  };
-
-  // Marks every mode not measured yet as failed (and its progress unit as done).
-  auto give_up = [&](const std::string& message) {
-    for (; next_mode < options.modes.size(); ++next_mode) {
-      begin_mode(next_mode);
-      progress.say("not measured: {}", message);
-      results.failures.push_back({"vmm-" + options.modes[next_mode], size.label, vcpus, message});
-    }
-  };
-
-  begin_mode(0);
-  if (const uint64_t available = memory_available(); available != 0 && available < size.bytes + kGiB) {
-    give_up(fmt::format("the host has {:.1f} GiB available, less than the guest's {} plus 1 GiB",
-                        gib(available), size.label));
+  Units units(context, options.modes, "vmm ", "vmm-", size, vcpus);
+  units.begin(0);
+  if (auto shortfall = memory_shortfall(size)) {
+    units.give_up(*shortfall);
     return;
   }
   auto directory = TempDir::create(options.work_dir, "vmm-bench");
   if (!directory) {
-    give_up(directory.error().describe());
+    units.give_up(directory.error().describe());
     return;
   }
   const std::string base = fmt::format("{}/vmm-{}-{}vcpu", context.logs_dir, size.label, vcpus);
@@ -225,18 +231,18 @@ void run_vmm(RunContext& context, const RamSize& size, uint32_t vcpus) {
                                   "--log-level", "warn"},
                                  log_path);
   if (!vmm) {
-    give_up(vmm.error().describe());
+    units.give_up(vmm.error().describe());
     return;
   }
   auto client = connect_when_ready(socket_path, *vmm, log_path);
   if (!client) {
-    give_up(client.error().describe());
+    units.give_up(client.error().describe());
     return;
   }
   progress.say("booting {} with {} of RAM ({}), {} updates per mode", options.vmm, size.label, options.backing,
                updates);
   if (auto stamped = wait_until_stamped(*client, size, progress); !stamped) {
-    give_up(stamped.error().describe() + "\nvmm log:\n" + tail(log_path, 10));
+    units.give_up(stamped.error().describe() + "\nvmm log:\n" + tail(log_path, 10));
     return;
   }
   // After a transfer update the VM runs in a process the vmm started.
@@ -244,7 +250,7 @@ void run_vmm(RunContext& context, const RamSize& size, uint32_t vcpus) {
   std::optional<AdoptedProcess> successor;
   bool guest_sweeps = false;
   if (auto swept = wait_sweep_passes(*client, 3, brownout_timeout_s(size.bytes)); !swept) {
-    give_up(swept.error().describe());
+    units.give_up(swept.error().describe());
     return;
   } else {
     guest_sweeps = *swept;
@@ -252,15 +258,15 @@ void run_vmm(RunContext& context, const RamSize& size, uint32_t vcpus) {
   if (!guest_sweeps)
     progress.say("the guest reports no RAM sweep (query-guest has no sweep period): no brown-out can be measured");
 
-  for (; next_mode < options.modes.size(); ++next_mode) {
-    const std::string& mode = options.modes[next_mode];
+  for (; units.next < options.modes.size(); ++units.next) {
+    const std::string& mode = options.modes[units.next];
     const std::string system = "vmm-" + mode;
-    begin_mode(next_mode);
+    units.begin(units.next);
     int completed = 0;
     int consecutive_failures = 0;
     for (int update = 1; update <= updates; ++update) {
       if (interrupted()) {
-        give_up("interrupted");
+        units.give_up("interrupted");
         return;
       }
       Sample sample{.system = system, .mode = mode, .size = size.label, .size_bytes = size.bytes, .vcpus = vcpus,
@@ -280,8 +286,8 @@ void run_vmm(RunContext& context, const RamSize& size, uint32_t vcpus) {
                                              update, outcome.error().describe(), tail(log_path, 10));
         progress.say("update {}/{} FAILED: {}", update, updates, lost);
         results.failures.push_back({system, size.label, vcpus, lost});
-        ++next_mode;
-        give_up("not run: the vmm was lost during an earlier mode");
+        ++units.next;
+        units.give_up("not run: the vmm was lost during an earlier mode");
         return;
       }
       if (*outcome == Outcome::unsupported) {
@@ -334,12 +340,12 @@ void run_vmm(RunContext& context, const RamSize& size, uint32_t vcpus) {
                                                                   verification.notes));
     results.verifications.push_back(verification);
     if (!verified) {
-      ++next_mode;
-      give_up("not run: guest-verify failed after an earlier mode: " + verified.error().describe());
+      ++units.next;
+      units.give_up("not run: guest-verify failed after an earlier mode: " + verified.error().describe());
       return;
     }
     // The verify read all of RAM on every vCPU: let the sweep settle again.
-    if (guest_sweeps && next_mode + 1 < options.modes.size())
+    if (guest_sweeps && units.next + 1 < options.modes.size())
       (void)wait_sweep_passes(*client, 2, brownout_timeout_s(size.bytes));
   }
 
