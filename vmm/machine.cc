@@ -170,21 +170,28 @@ Result<std::unique_ptr<Machine>> Machine::assemble(MachineConfig config, Host ho
   return machine;
 }
 
+// restore() and prebuild() take their memory from files that already exist:
+// the configuration follows from the layout. Checks one file per region.
+Result<void> Machine::describe_memory(MachineConfig& config, const memory::MemoryLayout& layout, size_t files,
+                                      memory::SlotKind guest_memfd_slot_kind) {
+  if (files != layout.regions.size())
+    return fail(fmt::format("got {} memory files for {} regions", files, layout.regions.size()));
+  config.ram_size = layout.ram_size();
+  config.shared_size = layout.shared() ? layout.shared()->size : 0;
+  config.ram_backing = layout.regions.empty() ? memory::Backing::memfd : layout.regions.front().backing;
+  if (config.ram_backing == memory::Backing::guest_memfd && guest_memfd_slot_kind == memory::SlotKind::userspace)
+    config.ram_backing = memory::Backing::memfd;  // only the capability check looks at this
+  return {};
+}
+
 Result<std::unique_ptr<Machine>> Machine::restore(MachineConfig config, RestoreInputs inputs) {
   const migration::SavedState& state = inputs.state;
   memory::MemoryLayout layout;
   for (const auto& ref : state.memory) layout.regions.push_back(ref.spec);
   config.name = state.metadata.vm_name;
   config.vcpus = static_cast<uint32_t>(state.vcpus.size());
-  config.ram_size = layout.ram_size();
-  config.shared_size = layout.shared() ? layout.shared()->size : 0;
-  config.ram_backing = layout.regions.empty() ? memory::Backing::memfd : layout.regions.front().backing;
-  if (config.ram_backing == memory::Backing::guest_memfd &&
-      inputs.guest_memfd_slot_kind == memory::SlotKind::userspace)
-    config.ram_backing = memory::Backing::memfd;  // only the capability check looks at this
-  if (inputs.region_files.size() != layout.regions.size())
-    return fail(fmt::format("restore got {} memory files for {} regions", inputs.region_files.size(),
-                            layout.regions.size()));
+  VMM_TRY(with_context(describe_memory(config, layout, inputs.region_files.size(), inputs.guest_memfd_slot_kind),
+                       "restore"));
 
   VMM_TRY_ASSIGN(host, open_host(config));
   kvm::Vm vm(std::move(inputs.vm_fd), host.system.vcpu_mmap_size());
@@ -200,14 +207,7 @@ Result<std::unique_ptr<Machine>> Machine::prebuild(MachineConfig config, Prebuil
   if (config.vcpus == 0 || config.vcpus > kMaxVcpus)
     return fail(fmt::format("{} vCPUs is out of range: use 1 to {}", config.vcpus, kMaxVcpus));
   const memory::MemoryLayout& layout = inputs.layout;
-  if (inputs.region_files.size() != layout.regions.size())
-    return fail(fmt::format("got {} memory files for {} regions", inputs.region_files.size(), layout.regions.size()));
-  config.ram_size = layout.ram_size();
-  config.shared_size = layout.shared() ? layout.shared()->size : 0;
-  config.ram_backing = layout.regions.empty() ? memory::Backing::memfd : layout.regions.front().backing;
-  if (config.ram_backing == memory::Backing::guest_memfd &&
-      inputs.guest_memfd_slot_kind == memory::SlotKind::userspace)
-    config.ram_backing = memory::Backing::memfd;  // only the capability check looks at this
+  VMM_TRY(describe_memory(config, layout, inputs.region_files.size(), inputs.guest_memfd_slot_kind));
 
   const auto started = steady_clock::now();
   VMM_TRY_ASSIGN(host, open_host(config));

@@ -169,6 +169,8 @@ class Machine final : public VcpuExitHandler {
     kvm::Capabilities caps;
   };
   [[nodiscard]] static Result<Host> open_host(const MachineConfig& config);
+  [[nodiscard]] static Result<void> describe_memory(MachineConfig& config, const memory::MemoryLayout& layout,
+                                                    size_t files, memory::SlotKind guest_memfd_slot_kind);
   [[nodiscard]] static Result<devices::ConsoleSink> open_console(const MachineConfig& config);
   [[nodiscard]] static Result<void> prepare_vm(kvm::Vm& vm);
   [[nodiscard]] Result<void> build_devices(devices::ConsoleSink console);
