@@ -365,13 +365,19 @@ TEST(LiveUpdate, BadArgumentsAreRefusedWithoutTouchingTheGuest) {
 namespace vmm::testing {
 namespace {
 
-struct RestoreFailure {
+// A fault injected into the new process, and what its error must name.
+struct InjectedFault {
   const char* fault;
   const char* expected;  // names the cause in the error
 };
-void PrintTo(const RestoreFailure& f, std::ostream* out) { *out << f.fault; }
+void PrintTo(const InjectedFault& f, std::ostream* out) { *out << f.fault; }
+std::string fault_test_name(const ::testing::TestParamInfo<InjectedFault>& info) {
+  std::string name = info.param.fault;
+  std::ranges::replace(name, '-', '_');
+  return name;
+}
 
-class FailureDuringRestore : public ::testing::TestWithParam<RestoreFailure> {};
+class FailureDuringRestore : public ::testing::TestWithParam<InjectedFault> {};
 
 // The new process fails to restore: it reports why, writes no guest memory,
 // leaves the session unfinished and hands it back to the previous vmm, which
@@ -404,22 +410,12 @@ TEST_P(FailureDuringRestore, IsReportedAndTheRollbackRestoresTheVm) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Injected, FailureDuringRestore,
-                         ::testing::Values(RestoreFailure{"corrupt-state", "checksum"},
-                                           RestoreFailure{"wrong-token", "token"},
-                                           RestoreFailure{"wrong-vm-token", "VM with token"}),
-                         [](const auto& info) {
-                           std::string name = info.param.fault;
-                           std::ranges::replace(name, '-', '_');
-                           return name;
-                         });
+                         ::testing::Values(InjectedFault{"corrupt-state", "checksum"},
+                                           InjectedFault{"wrong-token", "token"},
+                                           InjectedFault{"wrong-vm-token", "VM with token"}),
+                         fault_test_name);
 
-struct TransferFailure {
-  const char* fault;
-  const char* expected;  // names the cause in the error
-};
-void PrintTo(const TransferFailure& f, std::ostream* out) { *out << f.fault; }
-
-class TransferFailsAfterThePause : public ::testing::TestWithParam<TransferFailure> {};
+class TransferFailsAfterThePause : public ::testing::TestWithParam<InjectedFault> {};
 
 // The new process fails, or dies, after the old one paused the guest and
 // sent the state: before "commit" it never ran the guest, so the old vmm
@@ -453,13 +449,9 @@ TEST_P(TransferFailsAfterThePause, TheOldVmmResumesItsVm) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Injected, TransferFailsAfterThePause,
-                         ::testing::Values(TransferFailure{"corrupt-state", "checksum"},
-                                           TransferFailure{"target-crash", "exited before sending 'commit'"}),
-                         [](const auto& info) {
-                           std::string name = info.param.fault;
-                           std::ranges::replace(name, '-', '_');
-                           return name;
-                         });
+                         ::testing::Values(InjectedFault{"corrupt-state", "checksum"},
+                                           InjectedFault{"target-crash", "exited before sending 'commit'"}),
+                         fault_test_name);
 
 TEST_P(EveryMode, PausedVmStaysPausedThroughARollback) {
   REQUIRE_KVM();
