@@ -525,10 +525,8 @@ int restore_vm(const CommonOptions& common, const RestoreOptions& options) {
     record.status = "completed";
     record.error.reset();
     record.generation += 1;
-    record.pid = ::getpid();
     spdlog::info("live update ({}) completed: generation {}, blackout {} us", record.mode, record.generation,
                  record.blackout_us.value_or(-1));
-    reply = {{"return", record.to_json()}};
   } else {
     // This process is the rollback: the VM is back, the update did not happen.
     record.status = "failed";
@@ -538,6 +536,8 @@ int restore_vm(const CommonOptions& common, const RestoreOptions& options) {
     reply = {{"error", {{"class", control::kGenericError}, {"desc", *record.error}}}};
   }
   runtime.update->record_completed(record);
+  // As the record now stands, with the pid and whatever the watchers found.
+  if (options.previous_failure.empty()) reply = {{"return", runtime.update->query()}};
   if (options.reply_fd >= 0 && runtime.server) {
     if (!options.reply_id.empty()) reply["id"] = json::parse(options.reply_id, nullptr, false);
     runtime.server->adopt_client(UniqueFd(options.reply_fd), reply);
