@@ -3,8 +3,8 @@
 
 #include <cstdint>
 
-#include "kvm/result.h"
-#include "kvm/unique_fd.h"
+#include "base/result.h"
+#include "base/unique_fd.h"
 
 namespace vmm::kvm {
 

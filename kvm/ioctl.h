@@ -12,9 +12,9 @@
 #include <utility>
 #include <vector>
 
-#include "kvm/result.h"
+#include "base/result.h"
 #include "kvm/uapi.h"
-#include "kvm/unique_fd.h"
+#include "base/unique_fd.h"
 
 namespace vmm::kvm::detail {
 

@@ -8,8 +8,8 @@
 #include <vector>
 
 #include "kvm/msrs.h"
-#include "kvm/result.h"
-#include "kvm/unique_fd.h"
+#include "base/result.h"
+#include "base/unique_fd.h"
 #include "kvm/vm.h"
 
 namespace vmm::kvm {

@@ -7,9 +7,9 @@
 #include <span>
 #include <vector>
 
-#include "kvm/result.h"
+#include "base/result.h"
 #include "kvm/state.h"
-#include "kvm/unique_fd.h"
+#include "base/unique_fd.h"
 
 namespace vmm::kvm {
 

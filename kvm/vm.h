@@ -6,9 +6,9 @@
 #include <cstdint>
 
 #include "kvm/guest_memfd.h"
-#include "kvm/result.h"
+#include "base/result.h"
 #include "kvm/state.h"
-#include "kvm/unique_fd.h"
+#include "base/unique_fd.h"
 #include "kvm/vcpu.h"
 
 namespace vmm::kvm {

@@ -47,8 +47,8 @@
 #include <string_view>
 #include <vector>
 
-#include "kvm/result.h"
-#include "kvm/unique_fd.h"
+#include "base/result.h"
+#include "base/unique_fd.h"
 #include "luo/session.h"
 
 namespace vmm::luo {

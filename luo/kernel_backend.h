@@ -12,8 +12,8 @@
 #include <string>
 #include <string_view>
 
-#include "kvm/result.h"
-#include "kvm/unique_fd.h"
+#include "base/result.h"
+#include "base/unique_fd.h"
 #include "luo/session.h"
 #include "luo/uapi.h"
 

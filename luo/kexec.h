@@ -13,8 +13,8 @@
 #include <string>
 #include <vector>
 
-#include "kvm/result.h"
-#include "kvm/unique_fd.h"
+#include "base/result.h"
+#include "base/unique_fd.h"
 
 namespace vmm::luo {
 

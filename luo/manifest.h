@@ -19,7 +19,7 @@
 #include <string>
 #include <vector>
 
-#include "kvm/result.h"
+#include "base/result.h"
 #include "luo/file_kind.h"
 #include "luo/uapi.h"
 

@@ -11,11 +11,11 @@
 #include <string_view>
 #include <vector>
 
-#include "kvm/result.h"
-#include "kvm/unique_fd.h"
+#include "base/result.h"
+#include "base/unique_fd.h"
 #include "kvm/vm.h"
 #include "memory/layout.h"
-#include "memory/mapping.h"
+#include "base/mapping.h"
 
 namespace vmm::memory {
 

@@ -8,7 +8,7 @@
 #include <string_view>
 #include <vector>
 
-#include "kvm/result.h"
+#include "base/result.h"
 
 namespace vmm::memory {
 

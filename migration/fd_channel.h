@@ -16,8 +16,8 @@
 #include <utility>
 #include <vector>
 
-#include "kvm/result.h"
-#include "kvm/unique_fd.h"
+#include "base/result.h"
+#include "base/unique_fd.h"
 
 namespace vmm::migration {
 

@@ -14,7 +14,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "kvm/result.h"
+#include "base/result.h"
 #include "kvm/state.h"
 #include "memory/layout.h"
 

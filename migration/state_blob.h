@@ -16,7 +16,7 @@
 #include <span>
 #include <vector>
 
-#include "kvm/result.h"
+#include "base/result.h"
 #include "migration/saved_state.h"
 
 namespace vmm::migration {

@@ -7,8 +7,8 @@
 #include <string>
 
 #include "vmm/control/handler.h"
-#include "vmm/live_update.h"
-#include "vmm/machine.h"
+#include "update/live_update.h"
+#include "machine/machine.h"
 
 namespace vmm {
 

@@ -26,13 +26,13 @@
 #include "luo/kernel_backend.h"
 #include "vmm/commands.h"
 #include "vmm/control/server.h"
-#include "vmm/live_update.h"
-#include "vmm/machine.h"
-#include "vmm/restore.h"
-#include "vmm/size.h"
-#include "vmm/transfer.h"
+#include "update/live_update.h"
+#include "machine/machine.h"
+#include "update/restore.h"
+#include "base/size.h"
+#include "update/transfer.h"
 #include "migration/state_blob.h"
-#include "memory/mapping.h"
+#include "base/mapping.h"
 
 namespace vmm {
 namespace {
@@ -286,7 +286,7 @@ int take_over_vm(const CommonOptions& common, int channel_fd) {
   if (!machine) return refuse(machine.error());
   struct stat state_file{};
   if (::fstat(state_fd.get(), &state_file) != 0) return refuse(Error{errno, "cannot stat the state memfd"});
-  auto state_mapping = memory::Mapping::map_shared(state_fd.ref(), static_cast<size_t>(state_file.st_size));
+  auto state_mapping = Mapping::map_shared(state_fd.ref(), static_cast<size_t>(state_file.st_size));
   if (!state_mapping) return refuse(state_mapping.error());
   // Mapped in now, not when the state is read inside the blackout.
   if (auto mapped = state_mapping->populate_page_tables(); !mapped) return refuse(mapped.error());

@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "kvm/result.h"
+#include "base/result.h"
 #include "vmm/control/client.h"
 
 // In a test body: the value of a Result that must hold one.

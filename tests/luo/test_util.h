@@ -15,10 +15,10 @@
 #include <string>
 #include <string_view>
 
-#include "kvm/result.h"
+#include "base/result.h"
 #include "kvm/system.h"
 #include "kvm/uapi.h"
-#include "kvm/unique_fd.h"
+#include "base/unique_fd.h"
 
 namespace vmm::luo::testing {
 

@@ -12,7 +12,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "kvm/result.h"
+#include "base/result.h"
 #include "vmm/control/client.h"
 
 namespace bench {

@@ -24,7 +24,7 @@
 #include "tools/bench/progress.h"
 #include "tools/bench/report.h"
 #include "tools/bench/runner.h"
-#include "vmm/size.h"
+#include "base/size.h"
 
 namespace bench {
 namespace {

@@ -10,8 +10,8 @@
 #include <string_view>
 #include <vector>
 
-#include "kvm/result.h"
-#include "kvm/unique_fd.h"
+#include "base/result.h"
+#include "base/unique_fd.h"
 #include "vmm/control/handler.h"
 
 namespace vmm::control {

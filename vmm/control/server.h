@@ -23,8 +23,8 @@
 #include <string>
 #include <thread>
 
-#include "kvm/result.h"
-#include "kvm/unique_fd.h"
+#include "base/result.h"
+#include "base/unique_fd.h"
 #include "vmm/control/handler.h"
 
 namespace vmm::control {

@@ -1,0 +1,167 @@
+#include "machine/devices/serial.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+
+namespace vmm::devices {
+namespace {
+
+// Register offsets and bits of the 16550A.
+constexpr uint64_t kData = 0, kIer = 1, kIirFcr = 2, kLcr = 3, kMcr = 4, kLsr = 5, kMsr = 6, kScr = 7;
+constexpr uint8_t kLcrDlab = 0x80;
+constexpr uint8_t kIerRxData = 0x01, kIerThrEmpty = 0x02;
+constexpr uint8_t kIirNone = 0x01, kIirThrEmpty = 0x02, kIirRxData = 0x04, kIirFifoEnabled = 0xc0;
+constexpr uint8_t kLsrDataReady = 0x01, kLsrThrEmpty = 0x20, kLsrIdle = 0x40;
+constexpr uint8_t kMcrOut2 = 0x08, kMcrLoop = 0x10;
+constexpr uint8_t kMsrLoopbackBits = 0xb0;  // CTS, DSR, DCD as wired in loopback
+constexpr size_t kMaxRx = 64;
+constexpr size_t kMaxPendingLine = 4096;
+
+void write_all(int fd, const std::string& text) {
+  size_t done = 0;
+  while (done < text.size()) {
+    ssize_t n = ::write(fd, text.data() + done, text.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return;  // a console that can't take output must not stop the guest
+    done += static_cast<size_t>(n);
+  }
+}
+
+}  // namespace
+
+ConsoleSink ConsoleSink::stdout_sink() {
+  return ConsoleSink(UniqueFd(::fcntl(STDOUT_FILENO, F_DUPFD_CLOEXEC, 3)), true);
+}
+
+Result<ConsoleSink> ConsoleSink::file(const std::string& path) {
+  UniqueFd fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644));
+  if (!fd) return fail_errno("cannot open console file '" + path + "'");
+  return ConsoleSink(std::move(fd), true);
+}
+
+void ConsoleSink::put(uint8_t byte) {
+  if (!enabled_) return;
+  pending_.push_back(static_cast<char>(byte));
+  if (byte == '\n' || pending_.size() >= kMaxPendingLine) flush();
+}
+
+void ConsoleSink::flush() {
+  if (!enabled_ || pending_.empty() || !fd_) return;
+  write_all(fd_.get(), pending_);
+  pending_.clear();
+}
+
+void Serial::read(uint64_t offset, std::span<uint8_t> data) {
+  std::lock_guard lock(mutex_);
+  for (auto& byte : data) byte = read_register(offset);
+}
+
+void Serial::write(uint64_t offset, std::span<const uint8_t> data) {
+  std::lock_guard lock(mutex_);
+  for (uint8_t byte : data) write_register(offset, byte);
+}
+
+void Serial::enqueue_input(uint8_t byte) {
+  std::lock_guard lock(mutex_);
+  if (regs_.rx.size() < kMaxRx) regs_.rx.push_back(byte);
+  update_irq();
+}
+
+uint8_t Serial::interrupt_identification() const {
+  const uint8_t fifo = (regs_.fcr & 0x01) ? kIirFifoEnabled : 0;
+  if ((regs_.ier & kIerRxData) && !regs_.rx.empty()) return kIirRxData | fifo;
+  if ((regs_.ier & kIerThrEmpty) && regs_.thr_interrupt_pending) return kIirThrEmpty | fifo;
+  return kIirNone | fifo;
+}
+
+uint8_t Serial::read_register(uint64_t offset) {
+  const bool dlab = regs_.lcr & kLcrDlab;
+  switch (offset) {
+    case kData: {
+      if (dlab) return regs_.dll;
+      if (regs_.rx.empty()) return 0;
+      uint8_t byte = regs_.rx.front();
+      regs_.rx.pop_front();
+      update_irq();
+      return byte;
+    }
+    case kIer:
+      return dlab ? regs_.dlm : regs_.ier;
+    case kIirFcr: {
+      uint8_t iir = interrupt_identification();
+      // Reading IIR acknowledges a transmitter-empty interrupt.
+      if ((iir & 0x0f) == kIirThrEmpty) {
+        regs_.thr_interrupt_pending = false;
+        update_irq();
+      }
+      return iir;
+    }
+    case kLcr: return regs_.lcr;
+    case kMcr: return regs_.mcr;
+    case kLsr: return static_cast<uint8_t>(kLsrThrEmpty | kLsrIdle | (regs_.rx.empty() ? 0 : kLsrDataReady));
+    case kMsr: return (regs_.mcr & kMcrLoop) ? kMsrLoopbackBits : regs_.msr;
+    case kScr: return regs_.scr;
+    default: return 0xff;
+  }
+}
+
+void Serial::write_register(uint64_t offset, uint8_t value) {
+  const bool dlab = regs_.lcr & kLcrDlab;
+  switch (offset) {
+    case kData:
+      if (dlab) {
+        regs_.dll = value;
+      } else if (regs_.mcr & kMcrLoop) {
+        if (regs_.rx.size() < kMaxRx) regs_.rx.push_back(value);
+        regs_.thr_interrupt_pending = true;
+      } else {
+        sink_.put(value);
+        regs_.thr_interrupt_pending = true;
+      }
+      break;
+    case kIer:
+      if (dlab) {
+        regs_.dlm = value;
+      } else {
+        // Enabling the transmitter-empty interrupt raises it at once: the
+        // transmitter is always empty here.
+        if ((value & kIerThrEmpty) && !(regs_.ier & kIerThrEmpty)) regs_.thr_interrupt_pending = true;
+        regs_.ier = value & 0x0f;
+      }
+      break;
+    case kIirFcr:
+      regs_.fcr = value;
+      if (value & 0x02) regs_.rx.clear();
+      break;
+    case kLcr: regs_.lcr = value; break;
+    case kMcr: regs_.mcr = value & 0x1f; break;
+    case kScr: regs_.scr = value; break;
+    default: break;  // LSR and MSR are read-only
+  }
+  update_irq();
+}
+
+void Serial::update_irq() {
+  // On PCs the UART's interrupt reaches the PIC only with OUT2 set.
+  const bool level = (interrupt_identification() & kIirNone) == 0 && (regs_.mcr & kMcrOut2);
+  if (level != irq_level_) {
+    irq_level_ = level;
+    if (irq_) irq_(level);
+  }
+}
+
+SerialRegisters Serial::registers() const {
+  std::lock_guard lock(mutex_);
+  return regs_;
+}
+
+void Serial::set_registers(const SerialRegisters& registers) {
+  std::lock_guard lock(mutex_);
+  regs_ = registers;
+  irq_level_ = false;
+  update_irq();
+}
+
+}  // namespace vmm::devices

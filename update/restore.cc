@@ -1,0 +1,96 @@
+#include "update/restore.h"
+
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include "migration/state_blob.h"
+
+namespace vmm {
+namespace {
+
+constexpr uint32_t kMsrTsc = 0x10;
+
+Result<std::vector<uint8_t>> read_state(FdRef fd) {
+  struct stat st{};
+  if (::fstat(fd.get(), &st) != 0) return fail_errno("cannot stat the state memfd");
+  std::vector<uint8_t> bytes(static_cast<size_t>(st.st_size));
+  size_t done = 0;
+  while (done < bytes.size()) {
+    ssize_t n = ::pread(fd.get(), bytes.data() + done, bytes.size() - done, static_cast<off_t>(done));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return fail_errno("cannot read the state memfd");
+    if (n == 0) break;
+    done += static_cast<size_t>(n);
+  }
+  bytes.resize(done);
+  return bytes;
+}
+
+}  // namespace
+
+Result<RetrievedVm> retrieve_vm(luo::Session& session, Fault fault) {
+  RetrievedVm retrieved;
+  // The VM first: its guest_memfds are re-bound to it as they are retrieved.
+  VMM_TRY_ASSIGN(vm_fd, with_context(session.retrieve(kVmToken), "retrieving the VM (token 1)"));
+  retrieved.vm_fd = std::move(vm_fd);
+
+  VMM_TRY_ASSIGN(state_fd, with_context(session.retrieve(kStateToken), "retrieving the saved state (token 2)"));
+  VMM_TRY_ASSIGN(blob, read_state(state_fd.ref()));
+  if (fault == Fault::corrupt_state) {
+    // The private copy only: the memfd keeps the good blob for a retry.
+    auto header = migration::read_header(blob);
+    const size_t at = header ? header->header_size + header->payload_size / 2 : blob.size() / 2;
+    if (at < blob.size()) blob[at] ^= 0x5a;
+  }
+  VMM_TRY_ASSIGN(state, with_context(migration::decode(blob), "the saved state is unusable"));
+  if (state.metadata.vm_luo_token != kVmToken)
+    return fail(fmt::format("the saved state names VM token {} but the VM was retrieved under token {}",
+                            state.metadata.vm_luo_token, kVmToken), EINVAL);
+
+  bool first_region = true;
+  for (const auto& ref : state.memory) {
+    uint64_t token = ref.luo_token;
+    uint64_t vm_token = ref.vm_token;
+    if (first_region && fault == Fault::wrong_token) token += 0x1000;
+    if (first_region && fault == Fault::wrong_vm_token && ref.spec.backing == memory::Backing::guest_memfd)
+      vm_token += 1;
+    first_region = false;
+    if (ref.spec.backing == memory::Backing::guest_memfd && vm_token != kVmToken)
+      return fail(fmt::format("memory region '{}' is a guest_memfd of the VM with token {}, but this "
+                              "session's VM has token {}: refusing to bind it to the wrong VM",
+                              ref.spec.name, vm_token, kVmToken), EINVAL);
+    VMM_TRY_ASSIGN(file, with_context(session.retrieve(token),
+                                      fmt::format("retrieving memory region '{}' (token {})", ref.spec.name, token)));
+    struct stat st{};
+    if (::fstat(file.get(), &st) != 0) return fail_errno("cannot stat memory region '" + ref.spec.name + "'");
+    if (static_cast<uint64_t>(st.st_size) != ref.spec.size)
+      return fail(fmt::format("memory region '{}' is {} bytes but the saved state says {}", ref.spec.name,
+                              st.st_size, ref.spec.size), EINVAL);
+    retrieved.region_files.push_back(std::move(file));
+  }
+  retrieved.state = std::move(state);
+  return retrieved;
+}
+
+uint64_t guest_tsc(const migration::SavedState& state) {
+  if (state.vcpus.empty()) return 0;
+  for (const auto& msr : state.vcpus.front().msrs)
+    if (msr.index == kMsrTsc) return msr.data;
+  return 0;
+}
+
+void advance_clocks(migration::SavedState& state, int64_t elapsed_ns) {
+  if (elapsed_ns <= 0) return;
+  for (auto& vcpu : state.vcpus) {
+    const uint64_t ticks = static_cast<uint64_t>(
+        static_cast<__int128>(elapsed_ns) * static_cast<__int128>(vcpu.tsc_khz) / 1'000'000);
+    for (auto& msr : vcpu.msrs)
+      if (msr.index == kMsrTsc) msr.data += ticks;
+  }
+  state.vm.clock.clock += static_cast<uint64_t>(elapsed_ns);
+}
+
+}  // namespace vmm

@@ -1,0 +1,34 @@
+// The restore half of a live update, in the new process: retrieve the VM's
+// files from the LUO session by token and rebuild the VM around them.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "base/result.h"
+#include "base/unique_fd.h"
+#include "luo/session.h"
+#include "migration/saved_state.h"
+#include "update/live_update.h"
+
+namespace vmm {
+
+struct RetrievedVm {
+  UniqueFd vm_fd;                      // a new, empty VM
+  std::vector<UniqueFd> region_files;  // in the order of state.memory
+  migration::SavedState state;
+};
+
+// Retrieves the VM first, then the state, then every region by the token the
+// state names, refusing a guest_memfd whose VM token is not the VM's. Reads
+// the state into private memory and never writes guest memory or the state
+// memfd, so a failed restore can be retried. `fault` injects test failures.
+[[nodiscard]] Result<RetrievedVm> retrieve_vm(luo::Session& session, Fault fault);
+
+// Moves every vCPU's TSC and the kvmclock forward by the time the VM spent
+// frozen, so the guest sees the real time that passed.
+void advance_clocks(migration::SavedState& state, int64_t elapsed_ns);
+// vCPU 0's TSC in the state (0 if it has none).
+[[nodiscard]] uint64_t guest_tsc(const migration::SavedState& state);
+
+}  // namespace vmm
