@@ -46,8 +46,9 @@ class Qemu {
     const std::string socket_path = fmt::format("{}/{}.qmp", directory, name);
     const std::string log_path = log_base + ".log";
     const uint64_t mib = size.bytes / kMiB;
+    // -arch-capabilities: the host's KVM refuses QEMU 7.2's write of MSR 0x10a under -cpu host.
     std::vector<std::string> argv{
-        options.qemu, "-M", "microvm", "-enable-kvm", "-cpu", "host", "-smp", std::to_string(vcpus),
+        options.qemu, "-M", "microvm", "-enable-kvm", "-cpu", "host,-arch-capabilities", "-smp", std::to_string(vcpus),
         "-m", fmt::format("{}M", mib),
         "-object", fmt::format("memory-backend-file,id=mem,size={}M,mem-path={},share=on", mib, ram_path),
         "-machine", "memory-backend=mem",
