@@ -14,6 +14,7 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -91,8 +92,32 @@ struct VcpuInfo {
 // Receives events for the control socket: QMP name and data.
 using EventSink = std::function<void(const std::string& name, const nlohmann::json& data)>;
 
+class Machine;
+
+// The update state of a Machine (a live update holds it from its first step
+// to its last). Move-only; at most one exists per Machine.
+class UpdateLease {
+ public:
+  UpdateLease(UpdateLease&& other) noexcept : machine_(std::exchange(other.machine_, nullptr)) {}
+  UpdateLease& operator=(UpdateLease&&) = delete;
+  ~UpdateLease();
+  [[nodiscard]] Result<std::chrono::microseconds> pause(std::chrono::milliseconds timeout);
+  [[nodiscard]] Result<void> resume();
+  // The VM now runs elsewhere: the machine stays in the update state until it stops.
+  void hand_over();
+
+ private:
+  friend class Machine;
+  explicit UpdateLease(Machine* machine) : machine_(machine) {}
+  Machine* machine_ = nullptr;
+};
+
 class Machine final : public VcpuExitHandler {
  public:
+  // Enters the update state: EBUSY while another update holds it.
+  [[nodiscard]] Result<UpdateLease> begin_update();
+  [[nodiscard]] bool update_in_progress() const { return updating_.load(); }
+
   // Validates the configuration and builds the whole VM, vCPUs parked. On
   // failure nothing is left behind.
   [[nodiscard]] static Result<std::unique_ptr<Machine>> create(const MachineConfig& config);
@@ -210,6 +235,8 @@ class Machine final : public VcpuExitHandler {
   EventSink event_sink_;
   std::atomic<uint64_t> unclaimed_accesses_{0};
   std::vector<uint32_t> msrs_to_save_;
+  std::atomic<bool> updating_{false};
+  friend class UpdateLease;
   std::thread prefault_thread_;
   std::atomic<bool> prefault_stop_{false};
 };

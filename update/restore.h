@@ -9,7 +9,8 @@
 #include "base/unique_fd.h"
 #include "luo/session.h"
 #include "migration/saved_state.h"
-#include "update/live_update.h"
+#include "update/faults.h"
+#include "update/handover.h"
 
 namespace vmm {
 

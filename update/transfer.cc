@@ -1,10 +1,14 @@
 #include "update/transfer.h"
 
+#include <fcntl.h>
 #include <signal.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <spawn.h>
 #include <sys/wait.h>
 
 #include <cstdio>
+#include <algorithm>
 #include <cstring>
 
 #include <fmt/format.h>
@@ -16,33 +20,105 @@ namespace vmm::transfer {
 
 using nlohmann::json;
 
+namespace {
+
+// Above this a body goes in a memfd: FdChannel's messages carry at most 64 KiB.
+constexpr size_t kInlineBodyBytes = 48 * 1024;
+// No message of ours comes near this; a peer that sends more is broken.
+constexpr size_t kMaxBodyBytes = 16u << 20;
+
+Result<UniqueFd> body_memfd(const std::string& text) {
+  UniqueFd fd(::memfd_create("vmm-transfer-body", MFD_CLOEXEC | MFD_ALLOW_SEALING));
+  if (!fd) return fail_errno("cannot create a memfd for a large transfer message");
+  size_t done = 0;
+  while (done < text.size()) {
+    const ssize_t n = ::pwrite(fd.get(), text.data() + done, text.size() - done, static_cast<off_t>(done));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return fail_errno("cannot write a large transfer message");
+    done += static_cast<size_t>(n);
+  }
+  if (::fcntl(fd.get(), F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE) != 0)
+    return fail_errno("cannot seal a large transfer message");
+  return fd;
+}
+
+Result<std::string> read_body_memfd(FdRef fd) {
+  struct stat st{};
+  if (::fstat(fd.get(), &st) != 0) return fail_errno("cannot stat a large transfer message");
+  if (st.st_size < 0 || static_cast<uint64_t>(st.st_size) > kMaxBodyBytes)
+    return fail(fmt::format("a transfer message of {} bytes is larger than {}", st.st_size, kMaxBodyBytes), EPROTO);
+  std::string text(static_cast<size_t>(st.st_size), '\0');
+  size_t done = 0;
+  while (done < text.size()) {
+    const ssize_t n = ::pread(fd.get(), text.data() + done, text.size() - done, static_cast<off_t>(done));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return fail_errno("cannot read a large transfer message");
+    done += static_cast<size_t>(n);
+  }
+  return text;
+}
+
+}  // namespace
+
 Result<void> send(const migration::FdChannel& channel, const std::string& kind, json body,
                   std::span<const FdRef> fds) {
   body["kind"] = kind;
-  return with_context(channel.send(body.dump(), fds), "sending '" + kind + "' to the other vmm");
+  std::string text = body.dump(-1, ' ', false, json::error_handler_t::replace);
+  const std::string what = "sending '" + kind + "' to the other vmm";
+  if (text.size() <= kInlineBodyBytes) return with_context(channel.send(text, fds), what);
+  VMM_TRY_ASSIGN(memfd, with_context(body_memfd(text), what));
+  std::vector<FdRef> all(fds.begin(), fds.end());
+  all.push_back(memfd.ref());
+  const json envelope = {{"kind", kind}, {"body_in_memfd", true}};
+  return with_context(channel.send(envelope.dump(), all), what);
 }
 
 Result<Message> receive(const migration::FdChannel& channel, const std::string& expected_kind,
-                        std::optional<std::chrono::milliseconds> timeout) {
-  auto raw = channel.receive(timeout);
-  if (!raw) {
-    if (raw.error().code == ECONNRESET)
-      return fail("the other vmm process exited before sending '" + expected_kind + "'", ECONNRESET);
-    return std::unexpected(raw.error().with_context("waiting for '" + expected_kind + "'"));
+                        std::optional<std::chrono::milliseconds> timeout, std::span<const std::string_view> skip,
+                        const std::atomic<bool>* cancelled) {
+  using namespace std::chrono;
+  const auto deadline = timeout ? std::optional(steady_clock::now() + *timeout) : std::nullopt;
+  while (true) {
+    // Wait in slices, so a shutdown of this vmm is seen within 100 ms.
+    std::optional<milliseconds> slice;
+    if (cancelled) slice = milliseconds(100);
+    if (deadline) {
+      const auto left = std::max(milliseconds(0), duration_cast<milliseconds>(*deadline - steady_clock::now()));
+      slice = slice ? std::min(*slice, left) : left;
+    }
+    auto raw = channel.receive(slice);
+    if (!raw) {
+      if (raw.error().code == ECONNRESET)
+        return fail("the other vmm process exited before sending '" + expected_kind + "'", ECONNRESET);
+      if (raw.error().code == ETIMEDOUT) {
+        if (cancelled && cancelled->load())
+          return fail("stopped waiting for '" + expected_kind + "': this vmm is shutting down", ECANCELED);
+        if (!deadline || steady_clock::now() < *deadline) continue;
+      }
+      return std::unexpected(raw.error().with_context("waiting for '" + expected_kind + "'"));
+    }
+    Message message;
+    message.body = json::parse(raw->payload, nullptr, false);
+    message.fds = std::move(raw->fds);
+    if (message.body.is_object() && message.body.value("body_in_memfd", false) && !message.fds.empty()) {
+      VMM_TRY_ASSIGN(text, read_body_memfd(message.fds.back().ref()));
+      message.fds.pop_back();
+      message.body = json::parse(text, nullptr, false);
+    }
+    if (message.body.is_discarded() || !message.body.is_object() || !message.body.contains("kind") ||
+        !message.body["kind"].is_string())
+      return fail("a malformed message on the transfer channel (expected '" + expected_kind + "')", EPROTO);
+    message.kind = message.body["kind"].get<std::string>();
+    if (message.kind == "error") {
+      const json& text = message.body.contains("message") ? message.body["message"] : json();
+      return fail(text.is_string() ? text.get<std::string>() : "the other vmm reported an unnamed error", EIO);
+    }
+    if (message.kind != expected_kind && std::ranges::find(skip, message.kind) != skip.end()) continue;
+    if (message.kind != expected_kind)
+      return fail(fmt::format("expected '{}' on the transfer channel but got '{}'", expected_kind, message.kind),
+                  EPROTO);
+    return message;
   }
-  Message message;
-  message.body = json::parse(raw->payload, nullptr, false);
-  if (message.body.is_discarded() || !message.body.is_object() || !message.body.contains("kind") ||
-      !message.body["kind"].is_string())
-    return fail("a malformed message on the transfer channel (expected '" + expected_kind + "')", EPROTO);
-  message.kind = message.body["kind"].get<std::string>();
-  message.fds = std::move(raw->fds);
-  if (message.kind == "error")
-    return fail(message.body.value("message", std::string("the other vmm reported an unnamed error")), EIO);
-  if (message.kind != expected_kind)
-    return fail(fmt::format("expected '{}' on the transfer channel but got '{}'", expected_kind, message.kind),
-                EPROTO);
-  return message;
 }
 
 json layout_to_json(const memory::MemoryLayout& layout) {

@@ -3,31 +3,43 @@
 // The old vmm starts the new binary (`vmm transfer-target`) while the guest
 // still runs, and sends it the memory files over a SOCK_SEQPACKET channel
 // (SCM_RIGHTS). The new process builds its VM, memslots and vCPUs on the same
-// pages and says "ready". Only then does the old one pause the guest, save
-// its state into a memfd both share, and send "state" with the control
+// pages and says "ready"; it fills its page tables for guest RAM in the
+// background and says "prefaulted" when done (the old one waits for that
+// within a budget that grows with RAM, and goes ahead without it after). Then
+// the old one pauses the guest, saves its state into a memfd both share, and
+// sends "state" with the handover record (handover_record.h), the control
 // socket and the requesting client's connection. The new process loads the
-// state, says "commit", resumes the guest and says "resumed"; only then does
-// the old one tear its VM down (at idle priority) and exit.
+// state and says "loaded". The old one alone decides: "go" (the new process
+// resumes the guest and says "resumed") or "abort" (the new process exits
+// without ever running the guest, and the old one resumes its own).
 //
-//   old -> new  hello   {name, vcpus, regions[], cpuid[], prefault}
-//                                                   fds: every region, state memfd
-//   new -> old  ready   {pid, prebuild_us}          | error {message}
-//   old -> new  state   {bytes, record, reply_id?, socket, connection, fault}
-//                                                   fds: [listening socket] [connection]
-//   new -> old  commit  {}                          | error {message}
-//   new -> old  resumed {}
+//   old -> new  hello      {name, vcpus, regions[], cpuid[], prefault}
+//                                             fds: every region, the state memfd
+//   new -> old  ready      {pid, prebuild_us} | error {message}
+//   new -> old  prefaulted {us}               (optional, any time after ready)
+//   old -> new  state      {}                 fds: [listening socket] [connection] record memfd
+//   new -> old  loaded     {}                 | error {message}
+//   old -> new  go {}      | abort {reason}
+//   new -> old  resumed    {}
 //
-// "commit" is the point of no return. Before it the new process has not run
-// the guest, answered a client or accepted a connection, so the old one can
-// resume its own VM on any failure, including the new process dying (the
-// channel reads EOF). After it the old one never touches the VM again.
+// "go" is the point of no return, and only the old process can say it: a
+// "loaded" that arrives after the old one gave up meets an "abort" (or a
+// closed channel), so exactly one process ever runs the guest. Before "go"
+// the new process has not run the guest, answered a client or accepted a
+// connection. After it the old one never touches the VM again.
+//
+// A body too large for one message (a VM with many vCPUs has a large CPUID;
+// a client's request id may be long) travels in a memfd attached to the
+// message, transparently to send() and receive().
 #pragma once
 
 #include <sys/types.h>
 
+#include <atomic>
 #include <chrono>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include <linux/kvm.h>
@@ -35,10 +47,14 @@
 #include <nlohmann/json.hpp>
 
 #include "base/result.h"
+#include "base/unique_fd.h"
 #include "memory/layout.h"
 #include "migration/fd_channel.h"
 
 namespace vmm::transfer {
+
+// The message protocol above; both sides must speak the same.
+inline constexpr uint32_t kProtocolVersion = 2;
 
 // One message: its kind, a JSON body and the descriptors that came with it.
 struct Message {
@@ -51,8 +67,12 @@ struct Message {
                                 nlohmann::json body = nlohmann::json::object(), std::span<const FdRef> fds = {});
 // The next message. An "error" message from the peer comes back as an
 // error carrying its text; so does a closed channel.
+// Messages of a kind in `skip` (e.g. a late "prefaulted") are read and dropped.
+// `cancelled`, when given, is checked every 100 ms: waiting stops with ECANCELED.
 [[nodiscard]] Result<Message> receive(const migration::FdChannel& channel, const std::string& expected_kind,
-                                      std::optional<std::chrono::milliseconds> timeout = std::nullopt);
+                                      std::optional<std::chrono::milliseconds> timeout = std::nullopt,
+                                      std::span<const std::string_view> skip = {},
+                                      const std::atomic<bool>* cancelled = nullptr);
 
 [[nodiscard]] nlohmann::json layout_to_json(const memory::MemoryLayout& layout);
 [[nodiscard]] Result<memory::MemoryLayout> layout_from_json(const nlohmann::json& regions);
@@ -68,12 +88,12 @@ class Target {
   [[nodiscard]] static Result<Target> spawn(const std::string& binary, const std::vector<std::string>& args);
   Target(Target&& other) noexcept;
   Target& operator=(Target&&) = delete;
-  // Kills and reaps a target that never committed.
+  // Kills and reaps a target that was never told "go".
   ~Target();
 
   [[nodiscard]] const migration::FdChannel& channel() const { return channel_; }
   [[nodiscard]] pid_t pid() const { return pid_; }
-  // After "commit" the new process owns the VM: never kill it.
+  // After "go" the new process owns the VM: never kill it.
   void committed() { committed_ = true; }
   // SIGKILL and reap (unless committed); safe to call twice.
   void abort();

@@ -1,16 +1,12 @@
 // vmm: a minimal VMM on KVM whose guest memory never moves during live updates.
 //
-//   vmm run ...       launch a VM
-//   vmm restore ...   rebuild a VM from a LUO session: after a kexec (by hand
-//                     or from a systemd unit), or started by `live-update`
-//                     in exec mode (which passes the hidden handover options)
+//   vmm run ...            launch a VM
+//   vmm restore ...        rebuild a VM from a LUO session: after a kexec (by
+//                          hand or from a systemd unit), or started by
+//                          `live-update` in exec mode (`--handover-fd N`)
+//   vmm transfer-target    the new process of a transfer live update
+//   vmm handover-info      the handover formats this binary speaks (JSON)
 #include <fcntl.h>
-#include <poll.h>
-#include <sched.h>
-#include <signal.h>
-#include <sys/signalfd.h>
-#include <sys/socket.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cstdio>
@@ -22,25 +18,19 @@
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
-#include "luo/exec_backend.h"
-#include "luo/kernel_backend.h"
-#include "vmm/commands.h"
-#include "vmm/control/server.h"
-#include "update/live_update.h"
-#include "machine/machine.h"
-#include "update/restore.h"
 #include "base/size.h"
-#include "update/transfer.h"
-#include "migration/state_blob.h"
-#include "base/mapping.h"
+#include "machine/machine.h"
+#include "update/arrival.h"
+#include "update/handover_record.h"
+#include "update/versions.h"
+#include "vmm/runtime.h"
 
 namespace vmm {
 namespace {
 
-using namespace std::chrono;
 using nlohmann::json;
 
-// Options both subcommands take.
+// Options every subcommand takes.
 struct CommonOptions {
   std::string console = "stdout";
   std::string control_socket;
@@ -58,29 +48,8 @@ struct RunOptions {
   std::string name;
 };
 
-struct RestoreOptions {
-  std::string session;
-  int manifest_fd = -1;          // exec handover; absent: the kernel's /dev/liveupdate
-  int control_socket_fd = -1;    // the listening socket, handed over
-  int reply_fd = -1;             // the connection that asked for the update
-  std::string reply_id;          // its request id, as JSON
-  std::string update_record;     // the update so far, as JSON
-  std::string rollback_binary;   // the vmm that started the update
-  std::string previous_failure;  // set when this process retries a failed restore
-  std::string inject;
-  std::vector<std::string> argv; // this process's own command line
-};
-
-void apply_console(const CommonOptions& common, MachineConfig& config) {
-  if (common.console == "stdout") {
-    config.console = ConsoleKind::stdout_console;
-  } else if (common.console == "none") {
-    config.console = ConsoleKind::none;
-  } else {
-    config.console = ConsoleKind::file;
-    config.console_path = common.console;
-  }
-  config.kvm_path = common.kvm_device;
+LaunchOptions launch_options(const CommonOptions& common) {
+  return LaunchOptions{common.control_socket, common.console, common.log_level, common.kvm_device};
 }
 
 Result<MachineConfig> machine_config(const CommonOptions& common, const RunOptions& options) {
@@ -97,103 +66,9 @@ Result<MachineConfig> machine_config(const CommonOptions& common, const RunOptio
   config.ram_backing = *backing;
   if (!options.kernel.empty()) config.kernel_path = options.kernel;
   config.cmdline = options.cmdline;
-  apply_console(common, config);
+  apply_launch(launch_options(common), config);
   return config;
 }
-
-RelaunchOptions relaunch_options(const CommonOptions& common) {
-  return RelaunchOptions{common.control_socket, common.console, common.log_level, common.kvm_device};
-}
-
-// Blocks SIGINT/SIGTERM in every thread (threads inherit the mask) and
-// returns a signalfd the main loop polls for them.
-Result<UniqueFd> shutdown_signals() {
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGINT);
-  sigaddset(&signals, SIGTERM);
-  if (pthread_sigmask(SIG_BLOCK, &signals, nullptr) != 0) return fail("cannot block SIGINT/SIGTERM");
-  UniqueFd fd(::signalfd(-1, &signals, SFD_CLOEXEC | SFD_NONBLOCK));
-  if (!fd) return fail_errno("cannot create a signalfd");
-  return fd;
-}
-
-// Waits until a signal arrives or the machine asks to shut down.
-void wait_for_shutdown(Machine& machine, FdRef signals) {
-  pollfd fds[2] = {{signals.get(), POLLIN, 0}, {machine.shutdown_fd().get(), POLLIN, 0}};
-  while (true) {
-    if (::poll(fds, 2, -1) < 0) {
-      if (errno == EINTR) continue;
-      machine.request_shutdown("poll failed in the main loop", false);
-      return;
-    }
-    if (fds[0].revents & POLLIN) {
-      signalfd_siginfo info{};
-      if (::read(signals.get(), &info, sizeof info) == sizeof info) {
-        const char* name = sigabbrev_np(static_cast<int>(info.ssi_signo));
-        machine.request_shutdown(name ? std::string("received SIG") + name : "received a signal", false);
-      }
-      return;
-    }
-    if (fds[1].revents & POLLIN) return;
-  }
-}
-
-// The VM's life after it is built: control socket, run, wait, shut down.
-struct Runtime {
-  std::unique_ptr<Machine> machine;
-  std::unique_ptr<LiveUpdate> update;
-  std::unique_ptr<MachineCommands> commands;
-  std::unique_ptr<control::Server> server;
-
-  Runtime(std::unique_ptr<Machine> built, const CommonOptions& common, UpdateRecord record)
-      : machine(std::move(built)),
-        update(std::make_unique<LiveUpdate>(*machine, relaunch_options(common), std::move(record))),
-        commands(std::make_unique<MachineCommands>(*machine, *update)) {}
-
-  ~Runtime() {
-    if (server) server->stop();
-    if (machine) {
-      machine->stop();
-      machine->set_event_sink({});
-    }
-  }
-
-  Result<void> serve_socket(const std::string& path, int inherited_fd) {
-    if (path.empty()) return {};
-    if (inherited_fd >= 0) {
-      VMM_TRY_ASSIGN(adopted, control::Server::adopt(UniqueFd(inherited_fd), path, *commands));
-      server = std::move(adopted);
-    } else {
-      VMM_TRY_ASSIGN(listening, control::Server::listen(path, *commands));
-      server = std::move(listening);
-    }
-    update->set_control_server(server.get());
-    machine->set_event_sink([this](const std::string& name, const json& data) { server->emit_event(name, data); });
-    return {};
-  }
-
-  int wait(FdRef signals) {
-    wait_for_shutdown(*machine, signals);
-    if (update->handed_over()) {
-      // The teardown that follows (the VM's page tables, its mappings) runs
-      // at idle priority: the guest now runs in the new process on the same CPUs.
-      sched_param idle{};
-      ::sched_setscheduler(0, SCHED_IDLE, &idle);
-    }
-    machine->stop();
-    machine->set_event_sink({});
-    if (server) {
-      // After a transfer the socket at the path is the new process's: leave it.
-      if (update->handed_over()) {
-        UniqueFd released = server->detach();
-      } else {
-        server->stop();
-      }
-    }
-    return machine->shutdown_failed() ? 1 : 0;
-  }
-};
 
 int run_vm(const CommonOptions& common, const RunOptions& options) {
   auto signals = shutdown_signals();
@@ -211,8 +86,8 @@ int run_vm(const CommonOptions& common, const RunOptions& options) {
     spdlog::error("{}", machine.error().describe());
     return 1;
   }
-  Runtime runtime(std::move(*machine), common, UpdateRecord{});
-  if (auto served = runtime.serve_socket(common.control_socket, -1); !served) {
+  Runtime runtime(std::move(*machine), launch_options(common), UpdateRecord{});
+  if (auto served = runtime.serve_socket(UniqueFd()); !served) {
     spdlog::error("{}", served.error().describe());
     return 1;
   }
@@ -228,321 +103,28 @@ int run_vm(const CommonOptions& common, const RunOptions& options) {
   return runtime.wait(signals->ref());
 }
 
-// Sends the client that asked for the update the reply it is owed, when the
-// update cannot complete (the new process is about to give up).
-void reply_failure(int reply_fd, const std::string& reply_id, const std::string& desc) {
-  if (reply_fd < 0) return;
-  json reply = {{"error", {{"class", control::kGenericError}, {"desc", desc}}}};
-  if (!reply_id.empty()) reply["id"] = json::parse(reply_id, nullptr, false);
-  const std::string line = reply.dump() + "\n";
-  [[maybe_unused]] ssize_t n = ::send(reply_fd, line.data(), line.size(), MSG_NOSIGNAL);
+// The new side of every live-update mode ends in the same completion.
+int arrive(std::variant<Arrival, int> arrived, FdRef signals) {
+  if (auto* status = std::get_if<int>(&arrived)) return *status;
+  return complete(std::move(std::get<Arrival>(arrived)), signals);
 }
 
-// The new process of a transfer live update (transfer.h): builds the VM
-// while the old process still runs it, then takes it over.
-int take_over_vm(const CommonOptions& common, int channel_fd) {
-  const auto started = steady_clock::now();
-  auto signals = shutdown_signals();
-  if (!signals) {
-    spdlog::error("{}", signals.error().describe());
+// A command line this binary cannot parse, from an older or newer vmm's exec
+// handover: roll back to the binary that started the update, which can.
+int roll_back_unparsed(int argc, char** argv, const std::string& why) {
+  for (int i = 1; i + 1 < argc; ++i) {
+    if (std::strcmp(argv[i], "--handover-fd") != 0) continue;
+    const int fd = std::atoi(argv[i + 1]);
+    auto bytes = read_handover_memfd(FdRef(fd));
+    const auto rollback = bytes ? rollback_fd_of(*bytes) : std::nullopt;
+    bool is_rollback = false;
+    for (int j = 1; j < argc; ++j) is_rollback |= std::strcmp(argv[j], "--previous-failure") == 0;
+    if (!rollback || is_rollback) break;
+    Error failed = roll_back(fd, *rollback, "live update failed: the new vmm cannot parse its command line (" + why + ")");
+    spdlog::error("{}", failed.describe());
     return 1;
   }
-  auto adopted = migration::FdChannel::adopt(UniqueFd(channel_fd));
-  if (!adopted) {
-    spdlog::error("transfer-target: {}; this command is started by `live-update` in mode transfer",
-                  adopted.error().describe());
-    return 2;
-  }
-  const migration::FdChannel channel = std::move(*adopted);
-  // Before "commit" every failure is reported to the old process, which
-  // resumes its own VM; nothing here has run the guest or written its memory.
-  auto refuse = [&](const Error& error) {
-    spdlog::error("transfer: cannot take the VM over: {}", error.describe());
-    [[maybe_unused]] auto sent = transfer::send(channel, "error", {{"message", error.describe()}});
-    return 1;
-  };
-
-  // --- prepare: build the VM on the same memory ----------------------------
-  auto hello = transfer::receive(channel, "hello", seconds(30));
-  if (!hello) return refuse(hello.error());
-  auto layout = transfer::layout_from_json(hello->body.value("regions", json::array()));
-  if (!layout) return refuse(layout.error());
-  if (hello->fds.size() != layout->regions.size() + 1)
-    return refuse(Error{EPROTO, fmt::format("got {} files for {} memory regions and the state", hello->fds.size(),
-                                            layout->regions.size())});
-  if (hello->body.value("x-inject", "") == to_string(Fault::target_refuses))
-    return refuse(Error{EINVAL, "injected fault: the new vmm refuses to build the VM"});
-  UniqueFd state_fd = std::move(hello->fds.back());
-  hello->fds.pop_back();
-  MachineConfig config;
-  apply_console(common, config);
-  config.name = hello->body.value("name", "vm");
-  config.vcpus = hello->body.value("vcpus", 0u);
-  auto cpuid = transfer::cpuid_from_json(hello->body.value("cpuid", json::array()));
-  if (!cpuid) return refuse(cpuid.error());
-  auto machine = Machine::prebuild(config, PrebuildInputs{std::move(*layout), std::move(hello->fds),
-                                                          memory::SlotKind::userspace,
-                                                          hello->body.value("prefault", true), std::move(*cpuid)});
-  if (!machine) return refuse(machine.error());
-  struct stat state_file{};
-  if (::fstat(state_fd.get(), &state_file) != 0) return refuse(Error{errno, "cannot stat the state memfd"});
-  auto state_mapping = Mapping::map_shared(state_fd.ref(), static_cast<size_t>(state_file.st_size));
-  if (!state_mapping) return refuse(state_mapping.error());
-  // Mapped in now, not when the state is read inside the blackout.
-  if (auto mapped = state_mapping->populate_page_tables(); !mapped) return refuse(mapped.error());
-  const auto prebuild_us = duration_cast<microseconds>(steady_clock::now() - started).count();
-  if (auto sent = transfer::send(channel, "ready", {{"pid", ::getpid()}, {"prebuild_us", prebuild_us}}); !sent) {
-    spdlog::error("transfer: {}", sent.error().describe());
-    return 1;
-  }
-
-  // --- handover: wait for the state; the old process may also cancel -------
-  auto handover = transfer::receive(channel, "state");
-  if (!handover) {
-    spdlog::info("transfer: the old vmm cancelled the update ({})", handover.error().describe());
-    return 0;
-  }
-  const int64_t received_ns = monotonic_ns();
-  const json& body = handover->body;
-  auto carried = UpdateRecord::from_json(body.value("record", json::object()));
-  if (!carried) return refuse(carried.error());
-  UpdateRecord record = std::move(*carried);
-  record.mode = "transfer";
-  const std::string inject = body.value("x-inject", "");
-  if (inject == to_string(Fault::target_crash)) {
-    spdlog::error("transfer: injected fault: the new vmm dies before committing");
-    std::_Exit(3);
-  }
-  size_t next_fd = 0;
-  UniqueFd listening, connection;
-  if (body.value("socket", false) && next_fd < handover->fds.size()) listening = std::move(handover->fds[next_fd++]);
-  if (body.value("connection", false) && next_fd < handover->fds.size())
-    connection = std::move(handover->fds[next_fd++]);
-  const size_t bytes = body.value("bytes", size_t{0});
-  if (bytes > state_mapping->size())
-    return refuse(Error{EPROTO, fmt::format("the state is {} bytes but its memfd only {}", bytes, state_mapping->size())});
-  std::span<const uint8_t> blob(state_mapping->data(), bytes);
-  std::vector<uint8_t> corrupted;
-  if (inject == to_string(Fault::corrupt_state)) {
-    // A private copy: the memfd keeps the good blob for the old process.
-    corrupted.assign(blob.begin(), blob.end());
-    corrupted[corrupted.size() / 2] ^= 0x5a;
-    blob = corrupted;
-  }
-  auto state = migration::decode(blob);
-  if (!state) return refuse(state.error().with_context("the saved state is unusable"));
-  if (record.handover_started_ns > 0)
-    record.add_phase("handover", nanoseconds(monotonic_ns() - record.handover_started_ns));
-
-  // --- restore: load the state into the prebuilt VM and run it -------------
-  const auto restore_started = steady_clock::now();
-  advance_clocks(*state, monotonic_ns() - static_cast<int64_t>(state->metadata.host_monotonic_ns_at_save));
-  if (auto loaded = (*machine)->load_state(*state); !loaded) return refuse(loaded.error());
-  record.generation = state->metadata.generation;
-  const bool was_running = state->metadata.was_running;
-  const LiveUpdate::ResumePoint resume_point{state->test_device.heartbeat_at_save, state->metadata.guest_tsc_at_save,
-                                             guest_tsc(*state), was_running};
-
-  // The point of no return: from here on this process owns the VM.
-  if (auto sent = transfer::send(channel, "commit"); !sent)
-    spdlog::warn("transfer: {}; taking the VM over anyway", sent.error().describe());
-  Runtime runtime(std::move(*machine), common, record);
-  if (was_running) {
-    if (auto resumed = runtime.machine->resume(); !resumed) {
-      spdlog::error("transfer: cannot resume the VM: {}", resumed.error().describe());
-      return 1;
-    }
-  }
-  // The blackout ends here: the vCPUs run again (or, paused before, are ready to).
-  const int64_t resumed_ns = monotonic_ns();
-  if (record.blackout_started_ns > 0) record.blackout_us = (resumed_ns - record.blackout_started_ns) / 1000;
-  record.add_phase("restore", steady_clock::now() - restore_started);
-  // The old process may now tear its VM down.
-  if (auto sent = transfer::send(channel, "resumed"); !sent) spdlog::debug("transfer: {}", sent.error().describe());
-  runtime.update->watch_after_resume(resume_point);
-  spdlog::debug("transfer: state received {} us after the handover started", (received_ns - record.handover_started_ns) / 1000);
-
-  if (listening) {
-    if (auto served = runtime.serve_socket(common.control_socket, listening.release()); !served)
-      spdlog::error("transfer: the control socket could not be taken over: {}", served.error().describe());
-  }
-  record.status = "completed";
-  record.error.reset();
-  record.generation += 1;
-  spdlog::info("live update (transfer) completed: generation {}, blackout {} us, pid {}", record.generation,
-               record.blackout_us.value_or(-1), ::getpid());
-  runtime.update->record_completed(record);
-  if (connection && runtime.server) {
-    json reply = {{"return", runtime.update->query()}};
-    if (body.contains("reply_id")) reply["id"] = body["reply_id"];
-    runtime.server->adopt_client(std::move(connection), reply);
-  }
-  return runtime.wait(signals->ref());
-}
-
-int restore_vm(const CommonOptions& common, const RestoreOptions& options) {
-  const int64_t process_started_ns = monotonic_ns();
-  const auto restore_started = steady_clock::now();
-  auto signals = shutdown_signals();
-  if (!signals) {
-    spdlog::error("{}", signals.error().describe());
-    return 1;
-  }
-  // The previous binary, by descriptor ("/proc/self/fd/N"), for a rollback.
-  int rollback_fd = -1;
-  if (options.rollback_binary.starts_with("/proc/self/fd/"))
-    rollback_fd = std::atoi(options.rollback_binary.c_str() + std::strlen("/proc/self/fd/"));
-  // The inherited descriptors must not leak into anything we start later.
-  for (int fd : {options.control_socket_fd, options.reply_fd, rollback_fd})
-    if (fd >= 0) ::fcntl(fd, F_SETFD, FD_CLOEXEC);
-
-  UpdateRecord record;
-  record.mode = options.manifest_fd >= 0 ? "exec" : "kexec";
-  if (!options.update_record.empty()) {
-    auto parsed = json::parse(options.update_record, nullptr, false);
-    auto carried = UpdateRecord::from_json(parsed);
-    if (!carried) {
-      spdlog::error("{}", carried.error().describe());
-      return 2;
-    }
-    record = std::move(*carried);
-    if (record.handover_started_ns > 0)
-      record.add_phase("handover", nanoseconds(process_started_ns - record.handover_started_ns));
-  }
-  Fault fault = Fault::none;
-  if (!options.inject.empty()) {
-    auto parsed = fault_from_string(options.inject);
-    if (!parsed) {
-      spdlog::error("{}", parsed.error().describe());
-      return 2;
-    }
-    fault = *parsed;
-  }
-
-  std::unique_ptr<luo::Backend> backend;
-  const bool exec_mode = options.manifest_fd >= 0;
-  bool session_retrieved = false;
-
-  // A failed restore never writes guest memory and never finishes the
-  // session. After an exec, the session lives only in this process's fds, so
-  // it is handed on, unchanged, to the vmm that started the update (a
-  // rollback), which restores the VM and reports the failure. After a kexec
-  // the kernel keeps the session for another `vmm restore`.
-  auto give_up = [&](const Error& error) {
-    const std::string desc = "live update failed during restore: " + error.describe();
-    auto* exec_backend = dynamic_cast<luo::ExecBackend*>(backend.get());
-    if (exec_backend && !options.rollback_binary.empty() && options.previous_failure.empty()) {
-      spdlog::error("{}; rolling back to {}", desc, options.rollback_binary);
-      std::vector<std::string> argv{options.rollback_binary};
-      for (size_t i = 1; i < options.argv.size(); ++i) {
-        if (options.argv[i] == "--x-inject") {
-          ++i;  // an injected fault is for this attempt only
-          continue;
-        }
-        argv.push_back(options.argv[i]);
-      }
-      argv.insert(argv.end(), {"--previous-failure", desc});
-      std::vector<int> inherited;
-      for (int fd : {options.control_socket_fd, options.reply_fd, rollback_fd})
-        if (fd >= 0) inherited.push_back(fd);
-      auto passed = exec_backend->pass_on(luo::ExecRequest{options.rollback_binary, argv, std::nullopt, inherited});
-      spdlog::error("the rollback failed too: {}", passed ? "exec returned" : passed.error().describe());
-    } else {
-      spdlog::error("{}", desc);
-    }
-    reply_failure(options.reply_fd, options.reply_id, desc);
-    if (!session_retrieved) return 1;  // nothing retrieved: nothing to keep
-    // Closing a retrieved session finishes it and drops the guest's memory,
-    // and so would exiting. Hold it instead, until an operator decides.
-    spdlog::error("holding the unfinished LUO session '{}' open in this process (pid {}) so the guest's "
-                  "memory is kept; stop this process (SIGTERM) to discard the VM",
-                  options.session, ::getpid());
-    sigset_t stop;
-    sigemptyset(&stop);
-    sigaddset(&stop, SIGINT);
-    sigaddset(&stop, SIGTERM);
-    int signo = 0;
-    sigwait(&stop, &signo);
-    return 1;
-  };
-
-  if (exec_mode) {
-    auto opened = luo::ExecBackend::from_manifest(
-        options.manifest_fd, luo::ExecOptions{luo::kvm_vm_factory(common.kvm_device), luo::real_exec_syscalls()});
-    if (!opened) return give_up(opened.error());
-    backend = std::move(*opened);
-  } else {
-    auto opened = luo::KernelBackend::open();
-    if (!opened) return give_up(opened.error());
-    backend = std::move(*opened);
-  }
-  auto session = backend->retrieve_session(options.session);
-  if (!session) return give_up(session.error());
-  session_retrieved = true;
-  auto retrieved = retrieve_vm(**session, fault);
-  if (!retrieved) return give_up(retrieved.error());
-
-  // The guest's clocks move on by the time it spent frozen. CLOCK_MONOTONIC
-  // survives an exec but not a kexec, where the wall clock has to do.
-  auto& metadata = retrieved->state.metadata;
-  const int64_t frozen_ns = exec_mode ? monotonic_ns() - static_cast<int64_t>(metadata.host_monotonic_ns_at_save)
-                                      : realtime_ns() - static_cast<int64_t>(metadata.saved_at_realtime_ns);
-  advance_clocks(retrieved->state, frozen_ns);
-  const bool was_running = metadata.was_running;
-  const LiveUpdate::ResumePoint resume_point{retrieved->state.test_device.heartbeat_at_save,
-                                             metadata.guest_tsc_at_save, guest_tsc(retrieved->state), was_running};
-  record.generation = metadata.generation;
-
-  MachineConfig config;
-  apply_console(common, config);
-  RestoreInputs inputs{std::move(retrieved->vm_fd), std::move(retrieved->region_files),
-                       exec_mode ? memory::SlotKind::userspace : memory::SlotKind::guest_memfd,
-                       std::move(retrieved->state)};
-  auto machine = Machine::restore(config, std::move(inputs));
-  if (!machine) return give_up(machine.error());
-
-  Runtime runtime(std::move(*machine), common, record);
-  if (auto served = runtime.serve_socket(common.control_socket, options.control_socket_fd); !served)
-    return give_up(served.error());
-  if (was_running) {
-    if (auto resumed = runtime.machine->resume(); !resumed) return give_up(resumed.error());
-  }
-  // The blackout ends here: the vCPUs run again (or, paused before, are ready to).
-  const int64_t resumed_ns = monotonic_ns();
-  if (record.blackout_started_ns > 0) record.blackout_us = (resumed_ns - record.blackout_started_ns) / 1000;
-  record.add_phase("restore", steady_clock::now() - restore_started);
-  // This process's page tables for guest RAM start empty; filling them
-  // now, beside the guest, takes the host fault out of KVM's re-faults.
-  runtime.machine->prefault_in_background();
-  runtime.update->watch_after_resume(resume_point);
-
-  const auto finish_started = steady_clock::now();
-  if (auto finished = (*session)->finish(); !finished)
-    spdlog::warn("live update: FINISH failed: {}", finished.error().describe());
-  record.add_phase("finish", steady_clock::now() - finish_started);
-  json reply;
-  if (options.previous_failure.empty()) {
-    record.status = "completed";
-    record.error.reset();
-    record.generation += 1;
-    spdlog::info("live update ({}) completed: generation {}, blackout {} us", record.mode, record.generation,
-                 record.blackout_us.value_or(-1));
-  } else {
-    // This process is the rollback: the VM is back, the update did not happen.
-    record.status = "failed";
-    record.error = options.previous_failure + "; rolled back: the previous vmm restored the VM, which is " +
-                   (was_running ? "running" : "paused") + " with its memory intact";
-    spdlog::warn("{}", *record.error);
-    reply = {{"error", {{"class", control::kGenericError}, {"desc", *record.error}}}};
-  }
-  runtime.update->record_completed(record);
-  // As the record now stands, with the pid and whatever the watchers found.
-  if (options.previous_failure.empty()) reply = {{"return", runtime.update->query()}};
-  if (options.reply_fd >= 0 && runtime.server) {
-    if (!options.reply_id.empty()) reply["id"] = json::parse(options.reply_id, nullptr, false);
-    runtime.server->adopt_client(UniqueFd(options.reply_fd), reply);
-  }
-  return runtime.wait(signals->ref());
+  return 2;
 }
 
 }  // namespace
@@ -567,25 +149,28 @@ int main(int argc, char** argv) {
                           "guest_memfd mmap support)")->capture_default_str();
   run_command->add_option("--name", run.name, "Name of the VM and of its live-update session (default: vm-PID)");
 
-  vmm::RestoreOptions restore;
+  vmm::LuoArrivalOptions restore;
   auto* restore_command = app.add_subcommand(
       "restore", "Rebuild a VM from a Live Update Orchestrator session after a kexec");
-  restore_command->add_option("--session", restore.session, "Name of the LUO session (the VM's name)")->required();
+  auto* session_option =
+      restore_command->add_option("--session", restore.session, "Name of the LUO session (the VM's name)");
   // The exec handover's own options: passed by `live-update`, not by people.
-  restore_command->add_option("--luo-manifest-fd", restore.manifest_fd)->group("");
-  restore_command->add_option("--control-socket-fd", restore.control_socket_fd)->group("");
-  restore_command->add_option("--reply-fd", restore.reply_fd)->group("");
-  restore_command->add_option("--reply-id", restore.reply_id)->group("");
-  restore_command->add_option("--update-record", restore.update_record)->group("");
-  restore_command->add_option("--rollback-binary", restore.rollback_binary)->group("");
+  // `--handover-fd N` is the whole interface between versions: everything
+  // else is in the versioned record it names.
+  auto* handover_option = restore_command->add_option("--handover-fd", restore.handover_fd)->group("");
   restore_command->add_option("--previous-failure", restore.previous_failure)->group("");
-  restore_command->add_option("--x-inject", restore.inject)->group("");
+  restore_command->add_option("--luo-manifest-fd", restore.luo_manifest_fd)->group("");
+  session_option->excludes(handover_option);
 
-  int channel_fd = -1;
+  vmm::TransferArrivalOptions transfer;
   auto* transfer_command = app.add_subcommand(
       "transfer-target", "Take a VM over from a running vmm (started by `live-update` in mode transfer)");
   transfer_command->group("");
-  transfer_command->add_option("--channel-fd", channel_fd, "The transfer channel from the old vmm")->required();
+  transfer_command->add_option("--channel-fd", transfer.channel_fd, "The transfer channel from the old vmm")
+      ->required();
+
+  auto* info_command = app.add_subcommand("handover-info", "Print the handover formats this binary speaks (JSON)");
+  info_command->group("");
 
   for (auto* command : {run_command, restore_command, transfer_command}) {
     command->add_option("--console", common.console, "Serial console output: stdout, none, or a file PATH")
@@ -597,11 +182,18 @@ int main(int argc, char** argv) {
         ->capture_default_str();
   }
 
-  CLI11_PARSE(app, argc, argv);
-
   // Logs go to stderr: stdout belongs to the guest console.
   spdlog::set_default_logger(spdlog::stderr_color_mt("vmm"));
   spdlog::set_pattern("[%H:%M:%S.%e] vmm %^%l%$: %v");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& error) {
+    if (error.get_exit_code() != 0) {
+      if (int status = vmm::roll_back_unparsed(argc, argv, error.what()); status != 2) return status;
+    }
+    return app.exit(error);
+  }
+
   const auto level = spdlog::level::from_str(common.log_level);
   if (level == spdlog::level::off && common.log_level != "off") {
     spdlog::error("--log-level '{}' is not one of: trace, debug, info, warn, error, critical, off", common.log_level);
@@ -609,11 +201,27 @@ int main(int argc, char** argv) {
   }
   spdlog::set_level(level);
 
+  if (info_command->parsed()) {
+    std::puts(vmm::this_binary_versions().to_json().dump().c_str());
+    return 0;
+  }
   if (run_command->parsed()) return vmm::run_vm(common, run);
-  if (transfer_command->parsed()) return vmm::take_over_vm(common, channel_fd);
+  auto signals = vmm::shutdown_signals();
+  if (!signals) {
+    spdlog::error("{}", signals.error().describe());
+    return 1;
+  }
+  if (transfer_command->parsed()) {
+    transfer.launch = vmm::launch_options(common);
+    return vmm::arrive(vmm::arrive_by_transfer(transfer), signals->ref());
+  }
   if (restore_command->parsed()) {
-    restore.argv.assign(argv, argv + argc);
-    return vmm::restore_vm(common, restore);
+    if (restore.session.empty() && restore.handover_fd < 0) {
+      spdlog::error("vmm restore needs --session NAME: the LUO session (the VM's name) to rebuild the VM from");
+      return 2;
+    }
+    restore.launch = vmm::launch_options(common);
+    return vmm::arrive(vmm::arrive_by_luo(restore), signals->ref());
   }
   return 2;
 }

@@ -4,6 +4,7 @@
 // with its memory intact.
 #include <gtest/gtest.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 
 #include <atomic>
@@ -299,7 +300,7 @@ class FailureBeforeHandover : public ::testing::TestWithParam<PrepareFailure> {}
 // next update then works.
 TEST_P(FailureBeforeHandover, CancelsResumesAndLosesNothing) {
   REQUIRE_KVM();
-  auto vm = ASSERT_OK(VmmProcess::launch({"--vcpus", "2"}));
+  auto vm = ASSERT_OK(VmmProcess::launch({"--vcpus", "2"}, std::chrono::seconds(30), vmm_faults_binary()));
   ASSERT_OK(wait_stamped(vm));
   const auto identities = region_identities(vm);
   const uint64_t heartbeat = heartbeat_of(ASSERT_OK(vm.command("query-guest")));
@@ -384,7 +385,7 @@ class FailureDuringRestore : public ::testing::TestWithParam<InjectedFault> {};
 // restores the VM. The client gets the error; the guest just carries on.
 TEST_P(FailureDuringRestore, IsReportedAndTheRollbackRestoresTheVm) {
   REQUIRE_KVM();
-  auto vm = ASSERT_OK(VmmProcess::launch({"--vcpus", "2"}));
+  auto vm = ASSERT_OK(VmmProcess::launch({"--vcpus", "2"}, std::chrono::seconds(30), vmm_faults_binary()));
   ASSERT_OK(wait_stamped(vm));
   const auto identities = region_identities(vm);
   const uint64_t heartbeat = heartbeat_of(ASSERT_OK(vm.command("query-guest")));
@@ -422,13 +423,16 @@ class TransferFailsAfterThePause : public ::testing::TestWithParam<InjectedFault
 // resumes its own VM, answers the client, and the next transfer works.
 TEST_P(TransferFailsAfterThePause, TheOldVmmResumesItsVm) {
   REQUIRE_KVM();
-  auto vm = ASSERT_OK(VmmProcess::launch({"--vcpus", "2"}));
+  auto vm = ASSERT_OK(VmmProcess::launch({"--vcpus", "2"}, std::chrono::seconds(30), vmm_faults_binary()));
+  json arguments = {{"mode", "transfer"}, {"x-inject", GetParam().fault}};
+  // The crossing of "loaded" and the old side's deadline, without waiting 30 s.
+  if (std::string(GetParam().fault) == "delay-loaded") arguments["x-commit-timeout-ms"] = 200;
   ASSERT_OK(wait_stamped(vm));
   const auto identities = region_identities(vm);
   const uint64_t heartbeat = heartbeat_of(ASSERT_OK(vm.command("query-guest")));
   const pid_t old_pid = vm.pid();
 
-  auto reply = ASSERT_OK(vm.client().execute("live-update", {{"mode", "transfer"}, {"x-inject", GetParam().fault}}));
+  auto reply = ASSERT_OK(vm.client().execute("live-update", arguments));
   ASSERT_FALSE(reply.has_value()) << "the update must fail";
   const std::string& desc = reply.error().desc;
   EXPECT_NE(desc.find("failed during handover"), std::string::npos) << desc;
@@ -450,12 +454,15 @@ TEST_P(TransferFailsAfterThePause, TheOldVmmResumesItsVm) {
 
 INSTANTIATE_TEST_SUITE_P(Injected, TransferFailsAfterThePause,
                          ::testing::Values(InjectedFault{"corrupt-state", "checksum"},
-                                           InjectedFault{"target-crash", "exited before sending 'commit'"}),
+                                           InjectedFault{"target-crash", "exited before sending 'loaded'"},
+                                           // "loaded" arrives after the old side gave up: it meets
+                                           // "abort", and only the old process ever runs the guest.
+                                           InjectedFault{"delay-loaded", "timed out"}),
                          fault_test_name);
 
 TEST_P(EveryMode, PausedVmStaysPausedThroughARollback) {
   REQUIRE_KVM();
-  auto vm = ASSERT_OK(VmmProcess::launch({}));
+  auto vm = ASSERT_OK(VmmProcess::launch({}, std::chrono::seconds(30), vmm_faults_binary()));
   ASSERT_OK(wait_stamped(vm));
   ASSERT_OK(vm.command("stop"));
   const auto hash_before = ASSERT_OK(vm.command("query-memory-hash"));
@@ -463,6 +470,146 @@ TEST_P(EveryMode, PausedVmStaysPausedThroughARollback) {
   ASSERT_FALSE(reply.has_value());
   EXPECT_EQ(ASSERT_OK(vm.command("query-status"))["status"], "paused");
   EXPECT_EQ(ASSERT_OK(vm.command("query-memory-hash")), hash_before);
+}
+
+}  // namespace
+}  // namespace vmm::testing
+
+namespace vmm::testing {
+namespace {
+
+// A file in the VM's test directory that runs `body` (a shell script).
+std::string write_script(const VmmProcess& vm, const std::string& name, const std::string& body) {
+  const std::string path = vm.directory() + "/" + name;
+  {
+    std::ofstream out(path);
+    out << "#!/bin/sh\n" << body << "\n";
+  }
+  ::chmod(path.c_str(), 0755);
+  return path;
+}
+
+// The update is refused before the pause: the guest never stopped, nothing
+// changed, and the next update goes through.
+void expect_refused_before_the_pause(VmmProcess& vm, const json& arguments, const std::string& expected) {
+  const auto identities = region_identities(vm);
+  const uint64_t heartbeat = heartbeat_of(ASSERT_OK(vm.command("query-guest")));
+  const pid_t pid = vm.pid();
+  auto reply = ASSERT_OK(vm.client().execute("live-update", arguments));
+  ASSERT_FALSE(reply.has_value()) << "the update must be refused: " << arguments.dump();
+  const std::string& desc = reply.error().desc;
+  EXPECT_NE(desc.find("failed during prepare"), std::string::npos) << desc;
+  EXPECT_NE(desc.find(expected), std::string::npos) << desc;
+  EXPECT_NE(desc.find("the guest kept running"), std::string::npos) << desc;
+  EXPECT_EQ(vm.pid(), pid);
+  EXPECT_EQ(ASSERT_OK(vm.command("query-status"))["status"], "running");
+  auto record = ASSERT_OK(vm.command("query-live-update"));
+  EXPECT_EQ(record["status"], "failed");
+  EXPECT_EQ(record["generation"], 0);
+  EXPECT_EQ(record["phases"].size(), 0u) << "nothing after prepare ran";
+  expect_guest_carries_on(vm, heartbeat, 1);
+  auto retried = ASSERT_OK(live_update(vm, arguments["mode"].get<std::string>()));
+  EXPECT_EQ(retried["generation"], 1);
+  EXPECT_EQ(region_identities(vm), identities);
+}
+
+class VersionSkew : public ::testing::TestWithParam<std::string> {};
+
+// A new binary that speaks another handover version is asked before the
+// pause and refused: the guest keeps running in the old vmm.
+TEST_P(VersionSkew, ANewBinaryOfAnotherHandoverVersionIsRefusedBeforeThePause) {
+  REQUIRE_KVM();
+  auto vm = ASSERT_OK(VmmProcess::launch({}));
+  ASSERT_OK(wait_stamped(vm));
+  expect_refused_before_the_pause(vm, {{"mode", GetParam()}, {"binary", vmm_skewed_binary()}},
+                                  "speaks other handover formats (handover record 1 here, 99 there)");
+}
+
+// Binaries that are not a vmm: one that fails, one that exits 0 saying
+// nothing, one that prints something else.
+TEST_P(VersionSkew, ABinaryThatIsNotAVmmIsRefusedBeforeThePause) {
+  REQUIRE_KVM();
+  auto vm = ASSERT_OK(VmmProcess::launch({}));
+  ASSERT_OK(wait_stamped(vm));
+  const std::string silent = write_script(vm, "silent", "exit 0");
+  const std::string chatty = write_script(vm, "chatty", "echo '{\"hello\": 1}'");
+  for (const auto& [binary, expected] : std::vector<std::pair<std::string, std::string>>{
+           {"/bin/false", "exited with status 1"},
+           {silent, "printed no handover versions"},
+           {chatty, "lack 'handover'"}}) {
+    SCOPED_TRACE(binary);
+    const auto identities = region_identities(vm);
+    auto reply = ASSERT_OK(vm.client().execute("live-update", {{"mode", GetParam()}, {"binary", binary}}));
+    ASSERT_FALSE(reply.has_value());
+    EXPECT_NE(reply.error().desc.find("is not a vmm that can take this VM over"), std::string::npos)
+        << reply.error().desc;
+    EXPECT_NE(reply.error().desc.find(expected), std::string::npos) << reply.error().desc;
+    EXPECT_NE(reply.error().desc.find("the guest kept running"), std::string::npos) << reply.error().desc;
+    EXPECT_EQ(ASSERT_OK(vm.command("query-status"))["status"], "running");
+    EXPECT_EQ(region_identities(vm), identities);
+  }
+  auto retried = ASSERT_OK(live_update(vm, GetParam()));
+  EXPECT_EQ(retried["generation"], 1);
+}
+
+// Were a binary of another version to get the handover anyway (the check
+// skipped by a test fault), it cannot read the record: exec rolls back to the
+// previous binary, transfer's old vmm resumes its own VM. The guest is never lost.
+TEST_P(VersionSkew, ANewBinaryThatCannotReadTheHandoverGivesTheVmBack) {
+  REQUIRE_KVM();
+  auto vm = ASSERT_OK(VmmProcess::launch({"--vcpus", "2"}, std::chrono::seconds(30), vmm_faults_binary()));
+  ASSERT_OK(wait_stamped(vm));
+  const auto identities = region_identities(vm);
+  const uint64_t heartbeat = heartbeat_of(ASSERT_OK(vm.command("query-guest")));
+  const pid_t pid = vm.pid();
+  auto reply = ASSERT_OK(vm.client().execute(
+      "live-update", {{"mode", GetParam()}, {"binary", vmm_skewed_binary()}, {"x-inject", "skip-version-check"}}));
+  ASSERT_FALSE(reply.has_value()) << "the update must fail";
+  const std::string& desc = reply.error().desc;
+  EXPECT_NE(desc.find("handover record is version 1.0 but this vmm reads only major version 99"), std::string::npos)
+      << desc;
+  if (GetParam() == "exec") EXPECT_NE(desc.find("rolled back"), std::string::npos) << desc;
+  else EXPECT_NE(desc.find("the guest is running again"), std::string::npos) << desc;
+  EXPECT_EQ(vm.pid(), pid);
+  EXPECT_EQ(ASSERT_OK(vm.command("query-status"))["status"], "running");
+  EXPECT_EQ(region_identities(vm), identities);
+  EXPECT_EQ(ASSERT_OK(vm.command("query-live-update"))["status"], "failed");
+  expect_guest_carries_on(vm, heartbeat, 2);
+  auto verified = ASSERT_OK(vm.command("guest-verify", {{"timeout", 60}}));
+  EXPECT_EQ(verified["mismatches"], 0);
+  auto retried = ASSERT_OK(live_update(vm, GetParam()));
+  EXPECT_EQ(retried["generation"], 1);
+  EXPECT_EQ(region_identities(vm), identities);
+}
+
+INSTANTIATE_TEST_SUITE_P(Modes, VersionSkew, ::testing::Values("exec", "transfer"),
+                         [](const auto& info) { return info.param; });
+
+// The new process resumes the guest only when the old one says "go": held
+// back 300 ms, the blackout is at least that long, and the update completes.
+TEST(TransferCommit, TheNewVmmWaitsForGo) {
+  REQUIRE_KVM();
+  auto vm = ASSERT_OK(VmmProcess::launch({"--vcpus", "2"}, std::chrono::seconds(30), vmm_faults_binary()));
+  ASSERT_OK(wait_stamped(vm));
+  const uint64_t heartbeat = heartbeat_of(ASSERT_OK(vm.command("query-guest")));
+  auto reply = ASSERT_OK(live_update(vm, "transfer", {{"x-inject", "delay-go"}}));
+  EXPECT_EQ(reply["status"], "completed");
+  EXPECT_GE(reply["blackout_us"].get<int64_t>(), 300'000);
+  expect_guest_carries_on(vm, heartbeat, 2);
+}
+
+// The production vmm has no test hooks: x-inject is an unknown parameter.
+TEST(FaultInjection, IsUnknownToAProductionVmm) {
+  REQUIRE_KVM();
+  auto vm = ASSERT_OK(VmmProcess::launch({}));
+  for (const char* mode : {"exec", "transfer", "kexec"}) {
+    json arguments = {{"mode", mode}, {"x-inject", "corrupt-state"}};
+    if (std::string(mode) == "kexec") arguments["kernel"] = "/nonexistent";
+    auto reply = ASSERT_OK(vm.client().execute("live-update", arguments));
+    ASSERT_FALSE(reply.has_value());
+    EXPECT_EQ(reply.error().desc, "Parameter 'x-inject' is unexpected for command live-update");
+  }
+  EXPECT_EQ(ASSERT_OK(vm.command("query-live-update"))["status"], "none");
 }
 
 }  // namespace

@@ -32,8 +32,8 @@ std::string make_temp_dir() {
 }
 
 // fork + exec of the vmm binary, stdout/stderr to files in `dir`.
-Result<pid_t> spawn(const std::vector<std::string>& args, const std::string& dir) {
-  std::vector<std::string> argv_storage{vmm_binary()};
+Result<pid_t> spawn(const std::vector<std::string>& args, const std::string& dir, const std::string& binary) {
+  std::vector<std::string> argv_storage{binary};
   argv_storage.insert(argv_storage.end(), args.begin(), args.end());
   std::vector<char*> argv;
   for (auto& arg : argv_storage) argv.push_back(arg.data());
@@ -74,6 +74,8 @@ std::optional<ExitStatus> wait_pid(pid_t pid, std::chrono::milliseconds timeout)
 }  // namespace
 
 std::string vmm_binary() { return VMM_BINARY_PATH; }
+std::string vmm_faults_binary() { return VMM_FAULTS_BINARY_PATH; }
+std::string vmm_skewed_binary() { return VMM_SKEWED_BINARY_PATH; }
 
 bool kvm_available(std::string* why) {
   int fd = ::open("/dev/kvm", O_RDWR | O_CLOEXEC);
@@ -85,7 +87,8 @@ bool kvm_available(std::string* why) {
   return true;
 }
 
-Result<VmmProcess> VmmProcess::launch(std::vector<std::string> args, std::chrono::milliseconds timeout) {
+Result<VmmProcess> VmmProcess::launch(std::vector<std::string> args, std::chrono::milliseconds timeout,
+                                      const std::string& binary) {
   // A vmm that hands its VM to a new process (transfer live update) exits;
   // its successor is then reparented here, where follow() can reap it.
   ::prctl(PR_SET_CHILD_SUBREAPER, 1);
@@ -98,7 +101,7 @@ Result<VmmProcess> VmmProcess::launch(std::vector<std::string> args, std::chrono
     full.insert(full.end(), {"--console", process.dir_ + "/console.log"});
   full.insert(full.end(), args.begin(), args.end());
   process.launched_ = std::chrono::steady_clock::now();
-  VMM_TRY_ASSIGN(pid, spawn(full, process.dir_));
+  VMM_TRY_ASSIGN(pid, spawn(full, process.dir_, binary));
   process.pid_ = pid;
 
   const auto deadline = std::chrono::steady_clock::now() + timeout;
@@ -125,10 +128,11 @@ Result<VmmProcess> VmmProcess::launch(std::vector<std::string> args, std::chrono
 }
 
 Result<std::pair<ExitStatus, std::string>> VmmProcess::run_to_exit(std::vector<std::string> args,
-                                                                    std::chrono::milliseconds timeout) {
+                                                                    std::chrono::milliseconds timeout,
+                                                                    const std::string& binary) {
   const std::string dir = make_temp_dir();
   if (dir.empty()) return fail_errno("mkdtemp");
-  VMM_TRY_ASSIGN(pid, spawn(args, dir));
+  VMM_TRY_ASSIGN(pid, spawn(args, dir, binary));
   auto status = wait_pid(pid, timeout);
   if (!status) {
     ::kill(pid, SIGKILL);

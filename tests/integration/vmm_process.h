@@ -33,6 +33,12 @@
 
 namespace vmm::testing {
 
+// The production vmm; the test suite's build with fault injection
+// (live-update's "x-inject"); a build that speaks another handover version.
+std::string vmm_binary();
+std::string vmm_faults_binary();
+std::string vmm_skewed_binary();
+
 // Skips the current test unless /dev/kvm can be opened.
 bool kvm_available(std::string* why);
 
@@ -45,11 +51,14 @@ class VmmProcess {
  public:
   // Starts `vmm run --control-socket DIR/vmm.sock --console DIR/console.log
   // ARGS...` and waits (up to `timeout`) until the socket accepts clients.
+  // `binary`: the vmm to run (vmm_faults_binary() for tests that inject faults).
   [[nodiscard]] static Result<VmmProcess> launch(std::vector<std::string> args,
-                                                 std::chrono::milliseconds timeout = std::chrono::seconds(30));
+                                                 std::chrono::milliseconds timeout = std::chrono::seconds(30),
+                                                 const std::string& binary = vmm_binary());
   // Runs `vmm ARGS...` to completion (for bad-input tests).
   [[nodiscard]] static Result<std::pair<ExitStatus, std::string>> run_to_exit(
-      std::vector<std::string> args, std::chrono::milliseconds timeout = std::chrono::seconds(30));
+      std::vector<std::string> args, std::chrono::milliseconds timeout = std::chrono::seconds(30),
+      const std::string& binary = vmm_binary());
 
   VmmProcess(VmmProcess&& other) noexcept;
   VmmProcess& operator=(VmmProcess&&) = delete;
@@ -101,7 +110,5 @@ class VmmProcess {
   std::optional<control::Client> client_;
   bool reaped_ = false;
 };
-
-std::string vmm_binary();
 
 }  // namespace vmm::testing

@@ -1,0 +1,258 @@
+// The exec and kexec handovers, new side (`vmm restore`): retrieve the VM's
+// files from the LUO session by token and rebuild the VM around them.
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <thread>
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include "luo/exec_backend.h"
+#include "luo/kernel_backend.h"
+#include "update/arrival.h"
+#include "update/restore.h"
+
+extern char** environ;
+
+namespace vmm {
+namespace {
+
+using nlohmann::json;
+using namespace std::chrono;
+
+// What lives beside the VM in this process: the retrieved session.
+struct LuoSide {
+  std::unique_ptr<luo::Backend> backend;  // exec only: its sessions' fds
+  std::unique_ptr<luo::Session> session;
+};
+
+// Sends the client that asked for the update the reply it is owed, when the
+// update cannot complete here.
+void reply_failure(int connection_fd, const json& reply_id, const std::string& desc) {
+  if (connection_fd < 0) return;
+  json reply = {{"error", {{"class", "GenericError"}, {"desc", desc}}}};
+  if (!reply_id.is_null()) reply["id"] = reply_id;
+  const std::string line = reply.dump(-1, ' ', false, json::error_handler_t::replace) + "\n";
+  [[maybe_unused]] ssize_t n = ::send(connection_fd, line.data(), line.size(), MSG_NOSIGNAL);
+}
+
+Result<std::unique_ptr<luo::KernelBackend>> open_liveupdate() {
+  const auto deadline = steady_clock::now() + seconds(10);
+  while (true) {
+    auto backend = luo::KernelBackend::open();
+    if (backend || backend.error().code != EBUSY || steady_clock::now() >= deadline) return backend;
+    std::this_thread::sleep_for(milliseconds(50));
+  }
+}
+
+// Holds a retrieved session until an operator decides: closing it (or
+// exiting) would finish it and drop the guest's memory.
+int hold_session(const std::string& name) {
+  spdlog::error("holding the unfinished LUO session '{}' open in this process (pid {}) so the guest's memory is "
+                "kept; stop this process (SIGTERM) to discard the VM",
+                name, ::getpid());
+  sigset_t stop;
+  sigemptyset(&stop);
+  sigaddset(&stop, SIGINT);
+  sigaddset(&stop, SIGTERM);
+  int signo = 0;
+  sigwait(&stop, &signo);
+  return 1;
+}
+
+}  // namespace
+
+void apply_launch(const LaunchOptions& launch, MachineConfig& config) {
+  if (launch.console == "stdout") {
+    config.console = ConsoleKind::stdout_console;
+  } else if (launch.console == "none") {
+    config.console = ConsoleKind::none;
+  } else {
+    config.console = ConsoleKind::file;
+    config.console_path = launch.console;
+  }
+  config.kvm_path = launch.kvm_device;
+}
+
+Error roll_back(int handover_fd, int rollback_fd, const std::string& failure) {
+  // Everything crosses as it came: the handover record's descriptors and
+  // the session's (untouched: from_manifest changes nothing when it fails).
+  for (int fd : {handover_fd, rollback_fd})
+    if (fd >= 0) ::fcntl(fd, F_SETFD, 0);
+  std::string argv0 = "/proc/self/fd/" + std::to_string(rollback_fd);
+  std::vector<std::string> args{argv0, "restore", "--handover-fd", std::to_string(handover_fd), "--previous-failure",
+                                failure};
+  std::vector<char*> argv;
+  for (auto& arg : args) argv.push_back(arg.data());
+  argv.push_back(nullptr);
+  spdlog::error("{}; rolling back to the previous vmm", failure);
+  ::fexecve(rollback_fd, argv.data(), environ);
+  return Error{errno, "the rollback to the previous vmm failed too"};
+}
+
+std::variant<Arrival, int> arrive_by_luo(const LuoArrivalOptions& options) {
+  const int64_t process_started_ns = monotonic_ns();
+  const auto restore_started = steady_clock::now();
+  const bool exec_mode = options.handover_fd >= 0;
+  const bool is_rollback = !options.previous_failure.empty();
+  auto side = std::make_shared<LuoSide>();
+  Arrival arrival;
+  HandoverRecord& handover = arrival.handover;
+  int rollback_fd = -1;
+
+  // --- the handover record -----------------------------------------------------
+  if (exec_mode) {
+    auto bytes = read_handover_memfd(FdRef(options.handover_fd));
+    if (!bytes) {
+      spdlog::error("vmm restore: {}", bytes.error().describe());
+      return 2;
+    }
+    rollback_fd = rollback_fd_of(*bytes).value_or(-1);
+    auto decoded = decode_handover(*bytes);
+    if (!decoded) {
+      const std::string desc = "live update failed: the new vmm cannot read the handover: " + decoded.error().describe();
+      if (rollback_fd >= 0 && !is_rollback) {
+        Error failed = roll_back(options.handover_fd, rollback_fd, desc);
+        spdlog::error("{}", failed.describe());
+      } else {
+        spdlog::error("{}", desc);
+      }
+      return 1;
+    }
+    handover = std::move(*decoded);
+  } else {
+    handover.mode = "kexec";
+    handover.session = options.session;
+    handover.launch = options.launch;
+  }
+  handover.previous_failure = options.previous_failure;
+  UpdateRecord& record = handover.record;
+  record.mode = handover.mode;
+  if (exec_mode && record.handover_started_ns > 0)
+    record.add_phase("handover", nanoseconds(process_started_ns - record.handover_started_ns));
+  auto fd_at = [&](const std::optional<size_t>& slot) {
+    return slot && *slot < handover.fds.size() ? handover.fds[*slot] : -1;
+  };
+  const int listening_fd = fd_at(handover.listening_socket);
+  const int connection_fd = fd_at(handover.connection);
+  // The inherited descriptors must not leak into anything started later.
+  for (int fd : {options.handover_fd, listening_fd, connection_fd, rollback_fd})
+    if (fd >= 0) ::fcntl(fd, F_SETFD, FD_CLOEXEC);
+
+  // A failed restore never writes guest memory and never finishes the
+  // session. After an exec, the session lives only in this process's fds, so
+  // it goes, unchanged, back to the vmm that started the update (a rollback),
+  // which restores the VM and reports the failure. After a kexec the session
+  // is held here for another attempt.
+  struct GiveUp {
+    std::shared_ptr<LuoSide> side;
+    bool exec_mode, is_rollback;
+    int handover_fd, rollback_fd, listening_fd, connection_fd;
+    json reply_id;
+    std::string session_name;
+    bool session_retrieved = false;
+
+    int operator()(const Error& error) const {
+      const std::string desc = "live update failed during restore: " + error.describe();
+      if (exec_mode && !is_rollback && rollback_fd >= 0) {
+        if (auto* exec_backend = dynamic_cast<luo::ExecBackend*>(side->backend.get())) {
+          spdlog::error("{}; rolling back to the previous vmm", desc);
+          const std::string path = "/proc/self/fd/" + std::to_string(rollback_fd);
+          std::vector<std::string> argv{path, "restore", "--handover-fd", std::to_string(handover_fd),
+                                        "--previous-failure", desc};
+          std::vector<int> inherited{handover_fd, rollback_fd};
+          for (int fd : {listening_fd, connection_fd})
+            if (fd >= 0) inherited.push_back(fd);
+          auto passed = exec_backend->pass_on(luo::ExecRequest{path, argv, std::nullopt, inherited});
+          spdlog::error("the rollback failed too: {}", passed ? "exec returned" : passed.error().describe());
+        } else {
+          Error failed = roll_back(handover_fd, rollback_fd, desc);
+          spdlog::error("{}", failed.describe());
+        }
+      } else {
+        spdlog::error("{}", desc);
+      }
+      reply_failure(connection_fd, reply_id, desc);
+      if (!session_retrieved || exec_mode) return 1;
+      return hold_session(session_name);
+    }
+  };
+  GiveUp give_up{side,          exec_mode,     is_rollback,        options.handover_fd, rollback_fd,
+                 listening_fd,  connection_fd, handover.reply_id,  handover.session};
+
+  // --- retrieve: the session, then the VM and its files by token ----------------
+  if (exec_mode) {
+    const int manifest_fd = options.luo_manifest_fd >= 0 ? options.luo_manifest_fd : fd_at(handover.luo_manifest);
+    auto opened = luo::ExecBackend::from_manifest(
+        manifest_fd, luo::ExecOptions{luo::kvm_vm_factory(handover.launch.kvm_device), luo::real_exec_syscalls()});
+    if (!opened) return give_up(opened.error());
+    side->backend = std::move(*opened);
+    auto session = side->backend->retrieve_session(handover.session);
+    if (!session) return give_up(session.error());
+    side->session = std::move(*session);
+  } else {
+    // /dev/liveupdate is single-open: held only for the retrieve, so another
+    // vmm can restore its own VM (or a later update can start) meanwhile.
+    auto opened = open_liveupdate();
+    if (!opened) return give_up(opened.error());
+    auto session = (*opened)->retrieve_session(handover.session);
+    if (!session) return give_up(session.error());
+    side->session = std::move(*session);
+  }
+  give_up.session_retrieved = true;
+  if (!exec_mode) {
+    // The record crossed the kexec in the session; an older vmm put none there.
+    if (auto record_fd = side->session->retrieve(kRecordToken); record_fd) {
+      auto bytes = read_handover_memfd(record_fd->ref());
+      auto carried = bytes ? decode_handover(*bytes) : Result<HandoverRecord>(std::unexpected(bytes.error()));
+      if (carried) {
+        record = carried->record;
+        record.mode = "kexec";
+      } else {
+        spdlog::warn("vmm restore: the update record from before the kexec is unreadable ({}); starting a new one",
+                     carried.error().describe());
+      }
+    }
+  }
+  auto retrieved = retrieve_vm(*side->session, handover.fault);
+  if (!retrieved) return give_up(retrieved.error());
+
+  // The guest's clocks move on by the time it spent frozen. CLOCK_MONOTONIC
+  // survives an exec but not a kexec, where the wall clock has to do.
+  auto& metadata = retrieved->state.metadata;
+  const int64_t frozen_ns = exec_mode ? monotonic_ns() - static_cast<int64_t>(metadata.host_monotonic_ns_at_save)
+                                      : realtime_ns() - static_cast<int64_t>(metadata.saved_at_realtime_ns);
+  advance_clocks(retrieved->state, frozen_ns);
+  arrival.was_running = metadata.was_running;
+  arrival.resume_point = {retrieved->state.test_device.heartbeat_at_save, metadata.guest_tsc_at_save,
+                          guest_tsc(retrieved->state), arrival.was_running};
+  record.generation = metadata.generation;
+
+  MachineConfig config;
+  apply_launch(handover.launch, config);
+  RestoreInputs inputs{std::move(retrieved->vm_fd), std::move(retrieved->region_files),
+                       exec_mode ? memory::SlotKind::userspace : memory::SlotKind::guest_memfd,
+                       std::move(retrieved->state)};
+  auto machine = Machine::restore(config, std::move(inputs));
+  if (!machine) return give_up(machine.error());
+  arrival.machine = std::move(*machine);
+  if (listening_fd >= 0) arrival.listening_socket = UniqueFd(listening_fd);
+  if (connection_fd >= 0) arrival.connection = UniqueFd(connection_fd);
+  arrival.restore_started = restore_started;
+  arrival.commit = [] { return Result<void>{}; };
+  arrival.after_resume = [side](UpdateRecord& done) {
+    const auto finish_started = steady_clock::now();
+    if (auto finished = side->session->finish(); !finished)
+      spdlog::warn("live update: FINISH failed: {}", finished.error().describe());
+    done.add_phase("finish", steady_clock::now() - finish_started);
+  };
+  arrival.prefault_after_resume = true;
+  arrival.give_up = give_up;
+  arrival.keep_alive = side;
+  return arrival;
+}
+
+}  // namespace vmm

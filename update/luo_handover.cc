@@ -1,0 +1,220 @@
+// The exec and kexec handovers: both carry the VM in a LUO session (the
+// userspace backend across execve, the kernel's across kexec). They share
+// the session's preparation; they differ in how the new side starts.
+#include <fcntl.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <optional>
+#include <thread>
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include "luo/exec_backend.h"
+#include "luo/kernel_backend.h"
+#include "luo/kexec.h"
+#include "update/handover.h"
+#include "update/state_memfd.h"
+#include "update/versions.h"
+#include "vmm/control/server.h"
+
+namespace vmm {
+namespace {
+
+using namespace std::chrono;
+
+// The session every LUO mode fills before the pause: the VM fd, every
+// memory region's file and the pre-sized state memfd, each under its token.
+struct LuoSession {
+  std::unique_ptr<luo::Session> session;
+  StateMemfd state;
+
+  Result<void> fill(luo::Backend& backend, HandoverContext& context) {
+    Machine& machine = context.machine;
+    VMM_TRY_ASSIGN(created, backend.create_session(machine.config().name));
+    session = std::move(created);
+    VMM_TRY(with_context(session->preserve(machine.vm_fd(), kVmToken), "preserving the VM"));
+    const auto& regions = machine.memory().regions();
+    for (size_t i = 0; i < regions.size(); ++i)
+      VMM_TRY(with_context(session->preserve(regions[i]->fd(), kFirstRegionToken + i),
+                           "preserving memory region '" + regions[i]->spec().name + "'"));
+    if (context.request.faults.fault == Fault::preserve_refused) {
+      // An eventfd: a kind of file no LUO handler takes.
+      UniqueFd unsupported(::eventfd(0, EFD_CLOEXEC));
+      VMM_TRY(with_context(session->preserve(unsupported.ref(), kRecordToken + 1), "preserving an injected eventfd"));
+    }
+    const bool too_small = context.request.faults.fault == Fault::state_too_large;
+    VMM_TRY(state.create(too_small ? 4096 : state_memfd_size(machine.config().vcpus)));
+    VMM_TRY(with_context(session->preserve(state.fd.ref(), kStateToken), "preserving the state memfd"));
+    return {};
+  }
+
+  // An outgoing session dropped before the handover is cancelled.
+  void release() {
+    session.reset();
+    state = StateMemfd();
+  }
+};
+
+// What every new side needs to know, whatever the mode.
+HandoverRecord base_record(HandoverContext& context) {
+  HandoverRecord handover;
+  handover.mode = context.request.mode;
+  handover.session = context.machine.config().name;
+  handover.launch = context.launch;
+  handover.record = context.record;
+  if (context.command.id) handover.reply_id = *context.command.id;
+  if (context.request.faults.fault == Fault::corrupt_state || context.request.faults.fault == Fault::wrong_token ||
+      context.request.faults.fault == Fault::wrong_vm_token)
+    handover.fault = context.request.faults.fault;
+  return handover;
+}
+
+class ExecHandover final : public Handover {
+ public:
+  Result<std::span<uint8_t>> prepare(HandoverContext& context) override {
+    // Before anything is preserved: can the new binary read what we hand it?
+    // A binary of other handover versions, or not a vmm at all, is refused
+    // here, with the guest still running.
+    if (context.request.faults.fault != Fault::skip_version_check) {
+      VMM_TRY_ASSIGN(theirs, query_versions(context.request.binary, seconds(10)));
+      VMM_TRY(check_compatible(this_binary_versions(), theirs));
+    }
+    backend_ = luo::ExecBackend::create();
+    VMM_TRY(session_.fill(*backend_, context));
+    return session_.state.mapping.bytes();
+  }
+
+  Result<void> hand_over(HandoverContext& context, size_t) override {
+    VMM_TRY_ASSIGN(prepared, backend_->prepare_exec());
+    HandoverRecord handover = base_record(context);
+    // The rollback target is this very binary, by descriptor: after a package
+    // upgrade its path names the new file, but the descriptor still runs the old.
+    own_exe_.reset(::open("/proc/self/exe", O_RDONLY | O_CLOEXEC));
+    if (!own_exe_) return fail_errno("cannot open this vmm's own binary for a rollback");
+    std::vector<int> inherited{own_exe_.get()};
+    handover.fds.push_back(own_exe_.get());  // kRollbackBinarySlot
+    handover.luo_manifest = handover.fds.size();
+    handover.fds.push_back(prepared.manifest_fd);
+    if (context.server) {
+      handover.listening_socket = handover.fds.size();
+      handover.fds.push_back(context.server->listening_fd().get());
+      inherited.push_back(context.server->listening_fd().get());
+    }
+    if (context.command.connection_fd >= 0) {
+      handover.connection = handover.fds.size();
+      handover.fds.push_back(context.command.connection_fd);
+      inherited.push_back(context.command.connection_fd);
+    }
+    handover.record.handover_started_ns = monotonic_ns();
+    VMM_TRY_ASSIGN(record_fd, write_handover_memfd(handover));
+    record_fd_ = std::move(record_fd);
+    inherited.push_back(record_fd_.get());
+    const std::vector<std::string> argv{context.request.binary, "restore", "--handover-fd",
+                                        std::to_string(record_fd_.get())};
+    spdlog::info("live update: exec {}", context.request.binary);
+    // New connections wait in the listen backlog for the new process rather
+    // than being accepted here and cut off by the exec.
+    if (context.server) {
+      context.server->stop_accepting();
+      stopped_accepting_ = true;
+    }
+    auto exec = backend_->exec(luo::ExecRequest{context.request.binary, argv, std::nullopt, inherited});
+    // Only a failed exec comes back here.
+    return exec ? fail("exec returned") : std::unexpected(exec.error());
+  }
+
+  void cancel(HandoverContext& context) override {
+    if (context.server && stopped_accepting_) {
+      stopped_accepting_ = false;
+      if (auto resumed = context.server->resume_accepting(); !resumed)
+        spdlog::error("control socket: {}", resumed.error().describe());
+    }
+    if (backend_ && backend_->prepared()) backend_->cancel_exec();
+    session_.release();
+    record_fd_.reset();
+    own_exe_.reset();
+  }
+
+  pid_t successor() const override { return ::getpid(); }
+
+ private:
+  std::unique_ptr<luo::ExecBackend> backend_;
+  LuoSession session_;
+  UniqueFd own_exe_;
+  UniqueFd record_fd_;
+  bool stopped_accepting_ = false;
+};
+
+// /dev/liveupdate is single-open: another vmm's update or restore may hold
+// it for a moment. Wait a little, then say who to look for.
+Result<std::unique_ptr<luo::KernelBackend>> open_liveupdate(const std::atomic<bool>& cancelled) {
+  const auto deadline = steady_clock::now() + seconds(10);
+  while (true) {
+    auto backend = luo::KernelBackend::open();
+    if (backend || backend.error().code != EBUSY || steady_clock::now() >= deadline || cancelled) return backend;
+    std::this_thread::sleep_for(milliseconds(50));
+  }
+}
+
+class KexecHandover final : public Handover {
+ public:
+  Result<std::span<uint8_t>> prepare(HandoverContext& context) override {
+    const UpdateRequest& request = context.request;
+    // The new kernel must be at hand before anything is preserved.
+    for (const std::string* image : {&request.kernel, &request.initrd}) {
+      if (image->empty()) continue;
+      UniqueFd file(::open(image->c_str(), O_RDONLY | O_CLOEXEC));
+      if (!file) return fail_errno("cannot open the kexec image '" + *image + "'");
+    }
+    VMM_TRY_ASSIGN(backend, open_liveupdate(context.cancelled));
+    // Loaded now, while the guest still runs, so the load stays out of the
+    // blackout. Like `kexec --reuse-cmdline`, the running kernel's command
+    // line is the default.
+    std::string cmdline = request.cmdline;
+    if (cmdline.empty()) {
+      VMM_TRY_ASSIGN(current, luo::Kexec::current_cmdline());
+      cmdline = current;
+    }
+    VMM_TRY(kexec_.load(luo::KexecImage{request.kernel,
+                                        request.initrd.empty() ? std::nullopt : std::optional(request.initrd),
+                                        cmdline}));
+    VMM_TRY(session_.fill(*backend, context));
+    // The session lives as long as its own descriptor: the device is not
+    // needed again, and another vmm may want it (it is single-open).
+    backend.reset();
+    return session_.state.mapping.bytes();
+  }
+
+  Result<void> hand_over(HandoverContext& context, size_t) override {
+    // The record rides in the session too: the new kernel's vmm reads it back.
+    HandoverRecord handover = base_record(context);
+    handover.record.handover_started_ns = monotonic_ns();
+    VMM_TRY_ASSIGN(record_fd, write_handover_memfd(handover));
+    record_fd_ = std::move(record_fd);
+    VMM_TRY(with_context(session_.session->preserve(record_fd_.ref(), kRecordToken), "preserving the handover record"));
+    // Session fds stay open until the reboot: closing them would unpreserve.
+    auto rebooted = kexec_.reboot();
+    return rebooted ? fail("reboot returned") : std::unexpected(rebooted.error());
+  }
+
+  void cancel(HandoverContext&) override {
+    session_.release();
+    record_fd_.reset();
+  }
+
+  pid_t successor() const override { return ::getpid(); }
+
+ private:
+  luo::Kexec kexec_;
+  LuoSession session_;
+  UniqueFd record_fd_;
+};
+
+}  // namespace
+
+std::unique_ptr<Handover> make_exec_handover() { return std::make_unique<ExecHandover>(); }
+std::unique_ptr<Handover> make_kexec_handover() { return std::make_unique<KexecHandover>(); }
+
+}  // namespace vmm

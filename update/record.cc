@@ -1,0 +1,89 @@
+#include "update/record.h"
+
+#include <time.h>
+
+namespace vmm {
+namespace {
+
+using nlohmann::json;
+
+int64_t clock_ns(clockid_t clock) {
+  timespec now{};
+  clock_gettime(clock, &now);
+  return int64_t{now.tv_sec} * 1'000'000'000 + now.tv_nsec;
+}
+
+// Reads an optional field of the given type; a field of another type is an error.
+template <typename T>
+Result<std::optional<T>> optional_field(const json& in, const char* key) {
+  if (!in.contains(key) || in[key].is_null()) return std::optional<T>{};
+  try {
+    return std::optional<T>(in[key].get<T>());
+  } catch (const json::exception&) {
+    return fail(std::string("the update record's field '") + key + "' has the wrong type", EPROTO);
+  }
+}
+
+}  // namespace
+
+int64_t monotonic_ns() { return clock_ns(CLOCK_MONOTONIC); }
+int64_t realtime_ns() { return clock_ns(CLOCK_REALTIME); }
+
+json UpdateRecord::to_json() const {
+  json phases_json = json::array();
+  for (const auto& phase : phases) phases_json.push_back({{"name", phase.name}, {"duration_us", phase.duration_us}});
+  json out = {{"status", status}, {"generation", generation}, {"phases", phases_json}};
+  if (!mode.empty()) out["mode"] = mode;
+  if (blackout_us) out["blackout_us"] = *blackout_us;
+  if (guest_gap_us) out["guest_gap_us"] = *guest_gap_us;
+  if (error) out["error"] = *error;
+  if (pid) out["pid"] = *pid;
+  if (brownout_status) out["brownout_status"] = *brownout_status;
+  if (brownout_us) out["brownout_us"] = *brownout_us;
+  if (baseline_pass_us) out["baseline_pass_us"] = *baseline_pass_us;
+  if (brownout_reason) out["brownout_reason"] = *brownout_reason;
+  return out;
+}
+
+json UpdateRecord::to_carried_json() const {
+  json carried = to_json();
+  carried["blackout_started_ns"] = blackout_started_ns;
+  carried["handover_started_ns"] = handover_started_ns;
+  return carried;
+}
+
+Result<UpdateRecord> UpdateRecord::from_json(const json& in) {
+  if (!in.is_object()) return fail("the update record is not a JSON object", EPROTO);
+  UpdateRecord record;
+  VMM_TRY_ASSIGN(status, optional_field<std::string>(in, "status"));
+  VMM_TRY_ASSIGN(mode, optional_field<std::string>(in, "mode"));
+  VMM_TRY_ASSIGN(generation, optional_field<uint64_t>(in, "generation"));
+  if (!status || !generation) return fail("the update record lacks 'status' or 'generation'", EPROTO);
+  record.status = *status;
+  record.mode = mode.value_or("");
+  record.generation = *generation;
+  if (in.contains("phases")) {
+    if (!in["phases"].is_array()) return fail("the update record's 'phases' is not an array", EPROTO);
+    for (const auto& phase : in["phases"]) {
+      VMM_TRY_ASSIGN(name, optional_field<std::string>(phase, "name"));
+      VMM_TRY_ASSIGN(duration, optional_field<int64_t>(phase, "duration_us"));
+      if (!phase.is_object() || !name || !duration) return fail("the update record has a malformed phase", EPROTO);
+      record.phases.push_back({*name, *duration});
+    }
+  }
+  VMM_TRY_ASSIGN(blackout, optional_field<int64_t>(in, "blackout_us"));
+  VMM_TRY_ASSIGN(error, optional_field<std::string>(in, "error"));
+  VMM_TRY_ASSIGN(blackout_started, optional_field<int64_t>(in, "blackout_started_ns"));
+  VMM_TRY_ASSIGN(handover_started, optional_field<int64_t>(in, "handover_started_ns"));
+  record.blackout_us = blackout;
+  record.error = error;
+  record.blackout_started_ns = blackout_started.value_or(0);
+  record.handover_started_ns = handover_started.value_or(0);
+  return record;
+}
+
+void UpdateRecord::add_phase(std::string name, std::chrono::nanoseconds duration) {
+  phases.push_back({std::move(name), std::chrono::duration_cast<std::chrono::microseconds>(duration).count()});
+}
+
+}  // namespace vmm

@@ -1,0 +1,28 @@
+// The memfd the freeze writes the saved state into: created, sized and
+// mapped (every page allocated) while the guest still runs, because the first
+// touch of a fresh memfd page costs tens of microseconds here and the state
+// is written inside the blackout.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "base/mapping.h"
+#include "base/result.h"
+#include "base/unique_fd.h"
+
+namespace vmm {
+
+struct StateMemfd {
+  UniqueFd fd;
+  Mapping mapping;
+
+  [[nodiscard]] Result<void> create(uint64_t size);
+};
+
+// Room for the state of a VM with `vcpus` vCPUs: the VM part, devices and
+// layout are small; a vCPU is ~12 KiB (XSAVE area, LAPIC page, CPUID, MSRs).
+// Generous, and page-aligned.
+[[nodiscard]] uint64_t state_memfd_size(size_t vcpus);
+
+}  // namespace vmm

@@ -1,0 +1,161 @@
+#include "vmm/runtime.h"
+
+#include <poll.h>
+#include <sched.h>
+#include <signal.h>
+#include <sys/signalfd.h>
+#include <unistd.h>
+
+#include <cstring>
+
+#include <spdlog/spdlog.h>
+
+namespace vmm {
+namespace {
+
+using nlohmann::json;
+using namespace std::chrono;
+
+// Waits until a signal arrives or the machine asks to shut down.
+void wait_for_shutdown(Machine& machine, FdRef signals) {
+  pollfd fds[2] = {{signals.get(), POLLIN, 0}, {machine.shutdown_fd().get(), POLLIN, 0}};
+  while (true) {
+    if (::poll(fds, 2, -1) < 0) {
+      if (errno == EINTR) continue;
+      machine.request_shutdown("poll failed in the main loop", false);
+      return;
+    }
+    if (fds[0].revents & POLLIN) {
+      signalfd_siginfo info{};
+      if (::read(signals.get(), &info, sizeof info) == sizeof info) {
+        const char* name = sigabbrev_np(static_cast<int>(info.ssi_signo));
+        machine.request_shutdown(name ? std::string("received SIG") + name : "received a signal", false);
+      }
+      return;
+    }
+    if (fds[1].revents & POLLIN) return;
+  }
+}
+
+}  // namespace
+
+Result<UniqueFd> shutdown_signals() {
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGTERM);
+  if (pthread_sigmask(SIG_BLOCK, &signals, nullptr) != 0) return fail("cannot block SIGINT/SIGTERM");
+  UniqueFd fd(::signalfd(-1, &signals, SFD_CLOEXEC | SFD_NONBLOCK));
+  if (!fd) return fail_errno("cannot create a signalfd");
+  return fd;
+}
+
+Runtime::Runtime(std::unique_ptr<Machine> built, LaunchOptions launch_options, UpdateRecord record)
+    : machine(std::move(built)),
+      update(std::make_unique<LiveUpdate>(*machine, launch_options, std::move(record))),
+      commands(std::make_unique<MachineCommands>(*machine, *update)),
+      launch(std::move(launch_options)) {}
+
+Runtime::~Runtime() {
+  if (update) update->cancel();
+  if (server) server->stop();
+  if (machine) {
+    machine->stop();
+    machine->set_event_sink({});
+  }
+}
+
+Result<void> Runtime::serve_socket(UniqueFd inherited) {
+  const std::string& path = launch.control_socket_path;
+  if (path.empty()) return {};
+  if (inherited) {
+    VMM_TRY_ASSIGN(adopted, control::Server::adopt(std::move(inherited), path, *commands));
+    server = std::move(adopted);
+  } else {
+    VMM_TRY_ASSIGN(listening, control::Server::listen(path, *commands));
+    server = std::move(listening);
+  }
+  update->set_control_server(server.get());
+  machine->set_event_sink([this](const std::string& name, const json& data) { server->emit_event(name, data); });
+  return {};
+}
+
+int Runtime::wait(FdRef signals) {
+  wait_for_shutdown(*machine, signals);
+  // An update in progress stops waiting for its new side and cancels.
+  update->cancel();
+  if (update->handed_over()) {
+    // The teardown that follows (the VM's page tables, its mappings) runs
+    // at idle priority: the guest now runs in the new process on the same CPUs.
+    sched_param idle{};
+    ::sched_setscheduler(0, SCHED_IDLE, &idle);
+  }
+  machine->stop();
+  machine->set_event_sink({});
+  if (server) {
+    // After a transfer the socket at the path is the new process's: leave it.
+    if (update->handed_over()) {
+      UniqueFd released = server->detach();
+    } else {
+      server->stop();
+    }
+  }
+  return machine->shutdown_failed() ? 1 : 0;
+}
+
+int complete(Arrival arrival, FdRef signals) {
+  HandoverRecord& handover = arrival.handover;
+  UpdateRecord record = handover.record;
+  const bool rollback = !handover.previous_failure.empty();
+  Runtime runtime(std::move(arrival.machine), handover.launch, record);
+  // Whatever lives beside the VM (a prefault thread on its memory) goes first.
+  struct ReleaseFirst {
+    std::shared_ptr<void>& held;
+    ~ReleaseFirst() { held.reset(); }
+  } release_first{arrival.keep_alive};
+  if (auto served = runtime.serve_socket(std::move(arrival.listening_socket)); !served)
+    return arrival.give_up(served.error().with_context("serving the control socket"));
+  // The point of no return for this side: from here on it owns the VM.
+  if (auto committed = arrival.commit(); !committed) return arrival.give_up(committed.error());
+  if (arrival.was_running) {
+    if (auto resumed = runtime.machine->resume(); !resumed) {
+      spdlog::error("live update: cannot resume the VM: {}", resumed.error().describe());
+      return 1;
+    }
+  }
+  // The blackout ends here: the vCPUs run again (or, paused before, are ready to).
+  const int64_t resumed_ns = monotonic_ns();
+  if (record.blackout_started_ns > 0) record.blackout_us = (resumed_ns - record.blackout_started_ns) / 1000;
+  record.add_phase("restore", steady_clock::now() - arrival.restore_started);
+  // This process's page tables for guest RAM start empty; filling them
+  // now, beside the guest, takes the host fault out of KVM's re-faults.
+  if (arrival.prefault_after_resume) runtime.machine->prefault_in_background();
+  if (arrival.after_resume) arrival.after_resume(record);
+  runtime.update->watch_after_resume(arrival.resume_point);
+
+  json reply;
+  if (!rollback) {
+    record.status = "completed";
+    record.error.reset();
+    record.generation += 1;
+    spdlog::info("live update ({}) completed: generation {}, blackout {} us, pid {}", record.mode, record.generation,
+                 record.blackout_us.value_or(-1), ::getpid());
+  } else {
+    // This process is the rollback: the VM is back, the update did not happen.
+    record.status = "failed";
+    record.error = handover.previous_failure + "; rolled back: the previous vmm restored the VM, which is " +
+                   (arrival.was_running ? "running" : "paused") + " with its memory intact";
+    spdlog::warn("{}", *record.error);
+    reply = {{"error", {{"class", control::kGenericError}, {"desc", *record.error}}}};
+  }
+  runtime.update->record_completed(record);
+  // As the record now stands, with the pid and whatever the watchers found.
+  if (!rollback) reply = {{"return", runtime.update->query()}};
+  if (arrival.connection && runtime.server) {
+    if (!handover.reply_id.is_null()) reply["id"] = handover.reply_id;
+    runtime.server->adopt_client(std::move(arrival.connection), reply);
+  }
+  return runtime.wait(signals);
+}
+
+}  // namespace vmm
