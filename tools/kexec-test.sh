@@ -18,7 +18,9 @@ lab=$repo/tests/kexec
 cache=${VMM_LAB_CACHE:-/var/cache/vmm-kexec-lab}
 out=$repo/build/kexec-lab
 vmm_bin=$repo/build/bin
-luo_test=$repo/build/tests/luo/luo_test
+# ctest's test binaries land in build/bin/ (the top-level CMakeLists sets the
+# runtime output directory), luo_test among them.
+luo_test=$repo/build/bin/luo_test
 scenarios=boot,luo-conformance,vm-run,kexec-memfd
 timeout_s=900
 kernel_only=0
@@ -307,6 +309,9 @@ pack_initramfs() {
   rm -rf "$root" && mkdir -p "$root"/{bin,sbin,lab,dev,proc,sys,tmp,run,etc}
   cp /bin/busybox "$root/bin/busybox"
   ln -s busybox "$root/bin/sh"
+  # The kernel opens /dev/console for init before init can mount devtmpfs:
+  # without the node, init's output (our results) goes nowhere.
+  mknod -m 600 "$root/dev/console" c 5 1
   install -m 755 "$lab/init" "$root/init"
   for bin in vmm vmmctl; do
     [[ -x $vmm_bin/$bin ]] || die "$vmm_bin/$bin not found: build the vmm first (tools/build.sh) or pass --vmm-bin"
