@@ -370,7 +370,8 @@ boot_guest() {
       printf '%s %s\n' "$EPOCHREALTIME" "$line" >>"$out/serial.log"
       # Progress on the terminal: the lab's own lines and the kernel's alarms.
       case $line in
-        *LAB-RESULT*|*LAB-STAGE*|*LAB-KEXEC*|*LAB-BEGIN*|*"Kernel panic"*|*"kexec"*) echo "  guest: $line" ;;
+        LUO-TEST*) ;;
+        *LAB-*|*"Kernel panic"*|*"Starting new kernel"*|*"Freeze failed"*) echo "  guest: $line" ;;
       esac
     done
   rc=${PIPESTATUS[0]}
@@ -430,6 +431,11 @@ summarize() {
     fi
     printf '%-16s %-8s %s\n' "$s" "$status" "${values_of[$s]}"
     if [[ -n $note ]]; then printf '%-16s %-8s %s\n' "" "" "$note"; fi
+    # A failure's details as the guest printed them (exact error texts).
+    if [[ $status != PASS ]]; then
+      awk -v s="$s" '$2 == "LAB-INFO" && $3 == s { $1 = $2 = $3 = ""; sub(/^ +/, ""); print }' "$log" |
+        while IFS= read -r line; do printf '%-16s %-8s | %s\n' "" "" "$line"; done
+    fi
   done
   echo
   echo "== wall-clock time per step"
