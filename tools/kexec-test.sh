@@ -21,7 +21,7 @@ vmm_bin=$repo/build/bin
 # ctest's test binaries land in build/bin/ (the top-level CMakeLists sets the
 # runtime output directory), luo_test among them.
 luo_test=$repo/build/bin/luo_test
-scenarios=boot,luo-conformance,vm-run,kexec-memfd
+scenarios=boot,luo-conformance,vm-run,kexec-memfd,kexec-gmem
 timeout_s=900
 kernel_only=0
 patch_dir=""
@@ -384,13 +384,19 @@ declare -A result_of=() values_of=()
 summarize() {
   local failed=0 s status entry match reason note line t_begin t_end log=$out/serial.log
   # Host wall-clock per guest milestone.
-  local t_qemu t_stage1 t_kexec t_stage2
+  local t_qemu t_stage1 t_kexec
   t_qemu=$qemu_start
   t_stage1=$(awk '/LAB-STAGE 1 start/ { print $1; exit }' "$log")
-  t_kexec=$(awk '/LAB-KEXEC/ { print $1; exit }' "$log")
-  t_stage2=$(awk '/LAB-STAGE 2 start/ { print $1; exit }' "$log")
   [[ -n $t_stage1 ]] && step_times+=("$(printf '%-28s %8.1f s  %s' "guest boot to init" "$(echo "$t_stage1 - $t_qemu" | bc)" "qemu start to LAB-STAGE 1")")
-  [[ -n $t_kexec && -n $t_stage2 ]] && step_times+=("$(printf '%-28s %8.1f s  %s' "kexec to init" "$(echo "$t_stage2 - $t_kexec" | bc)" "live-update request to LAB-STAGE 2")")
+  # Each kexec that happened: from the live-update request to the next
+  # stage's init (a request that failed has its half=before result between).
+  local k t_next
+  while read -r t_kexec k t_next; do
+    step_times+=("$(printf '%-28s %8.1f s  %s' "kexec to init ($k)" "$(echo "$t_next - $t_kexec" | bc)" "live-update request to the next LAB-STAGE")")
+  done < <(awk '
+    $2 == "LAB-KEXEC" { t = $1; k = $3 }
+    $2 == "LAB-RESULT" && $3 == k && / half=before / { k = "" }
+    $2 == "LAB-STAGE" && $4 == "start" && k != "" { print t, k, $1; k = "" }' "$log")
   # Each scenario: from its LAB-BEGIN to its last LAB-RESULT (host clock).
   for s in ${scenarios//,/ }; do
     t_begin=$(awk -v s="$s" '$2 == "LAB-BEGIN" && $3 == s { print $1; exit }' "$log")
