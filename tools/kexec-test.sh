@@ -275,12 +275,20 @@ step packages
 install_packages
 step_done
 mkdir -p "$cache"
+# One fetch or kernel build at a time per cache (CI and a developer may share
+# it): a second run waits here, then finds the kernel the first one built.
+exec 9>"$cache/lock"
+if ! flock -n 9; then
+  say "waiting for another kexec-test.sh that holds $cache/lock"
+  flock 9
+fi
 step fetch
 fetch_source
 step_done "$src_pkg $src_version"
 step kernel
 build_kernel
 step_done "$kernel_note"
+flock -u 9
 say "kernel: $bzimage ($(stat -c %s "$bzimage") bytes)"
 if ((kernel_only)); then exit 0; fi
 
