@@ -405,6 +405,12 @@ summarize() {
     $2 == "LAB-KEXEC" { t = $1; k = $3 }
     $2 == "LAB-RESULT" && $3 == k && / half=before / { k = "" }
     $2 == "LAB-STAGE" && $4 == "start" && k != "" { print t, k, $1; k = "" }' "$log")
+  # Why a scenario may have no result: the guest was killed, panicked, or
+  # stopped early.
+  local why="qemu exit $qemu_rc" panic
+  ((qemu_rc == 124 || qemu_rc == 137)) && why="QEMU killed after the --timeout of $timeout_s s"
+  panic=$(grep -m1 -o 'Kernel panic.*' "$log" || true)
+  [[ -n $panic ]] && why+="; guest: $panic"
   # Each scenario: from its LAB-BEGIN to its last LAB-RESULT (host clock).
   for s in ${scenarios//,/ }; do
     t_begin=$(awk -v s="$s" '$2 == "LAB-BEGIN" && $3 == s { print $1; exit }' "$log")
@@ -416,7 +422,7 @@ summarize() {
     line=$(awk -v s="$s" '$2 == "LAB-RESULT" && $3 == s { l = $0 } END { print l }' "$log")
     if [[ -z $line ]]; then
       result_of[$s]=FAIL
-      values_of[$s]="no result from the guest (qemu exit $qemu_rc; timeout, panic or hang: see $log)"
+      values_of[$s]="no result from the guest ($why; see $log)"
     else
       read -r _ _ _ status rest <<<"$line"
       result_of[$s]=$status
