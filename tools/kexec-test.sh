@@ -21,7 +21,7 @@ vmm_bin=$repo/build/bin
 # ctest's test binaries land in build/bin/ (the top-level CMakeLists sets the
 # runtime output directory), luo_test among them.
 luo_test=$repo/build/bin/luo_test
-scenarios=boot,luo-conformance,vm-run,kexec-memfd,kexec-gmem
+scenarios=boot,luo-conformance,vm-run,kexec-memfd,kexec-gmem,kexec-self
 timeout_s=900
 kernel_only=0
 patch_dir=""
@@ -67,10 +67,11 @@ step_done() {
 # (objtool), libssl-dev (scripts/ host tools include openssl headers when any
 # signing option is on; cheap to have), make and gcc; cpio and xz-utils to
 # unpack the source package and pack the initramfs; busybox-static as the
-# guest's whole userland; qemu-system-x86 to run it. Not needed: dwarves
-# (pahole is only used for DEBUG_INFO_BTF, which the fragment leaves off) and
-# kexec-tools (the vmm calls kexec_file_load(2) and reboot(2) itself).
-packages=(flex bison bc libelf-dev libssl-dev make gcc cpio xz-utils busybox-static qemu-system-x86)
+# guest's whole userland; qemu-system-x86 to run it; kexec-tools for the
+# kexec-self scenario, the lab's own kexec without the vmm (the vmm calls
+# kexec_file_load(2) and reboot(2) itself). Not needed: dwarves (pahole is
+# only used for DEBUG_INFO_BTF, which the fragment leaves off).
+packages=(flex bison bc libelf-dev libssl-dev make gcc cpio xz-utils busybox-static qemu-system-x86 kexec-tools)
 install_packages() {
   local missing=() p
   for p in "${packages[@]}"; do
@@ -335,6 +336,7 @@ pack_initramfs() {
     [[ -n $helper && -x $helper ]] && add_binary "$root" "$helper" "$helper"
     luo_note="luo_test: $luo_test${helper:+, helper $helper}"
   fi
+  [[ -x /sbin/kexec ]] && add_binary "$root" /sbin/kexec /sbin/kexec
   cp "$bzimage" "$root/lab/bzImage"
   (cd "$root" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0) >"$out/initrd-1.cpio"
   local extra=$out/root2
@@ -375,6 +377,13 @@ boot_guest() {
     -kernel "$bzimage" -initrd "$out/initrd.cpio" -append "$append" </dev/null 2>"$out/qemu.stderr" |
     while IFS= read -r line; do
       line=${line%$'\r'}
+      # A terminal reset the guest's console emits at boot can prefix the
+      # first line: a lab line starts at its tag.
+      case $line in
+        LAB-*|LUO-TEST*) ;;
+        *LAB-*) line="LAB-${line#*LAB-}" ;;
+        *LUO-TEST*) line="LUO-TEST${line#*LUO-TEST}" ;;
+      esac
       printf '%s %s\n' "$EPOCHREALTIME" "$line" >>"$out/serial.log"
       # Progress on the terminal: the lab's own lines and the kernel's alarms.
       case $line in
@@ -400,7 +409,7 @@ summarize() {
   # stage's init (a request that failed has its half=before result between).
   local k t_next
   while read -r t_kexec k t_next; do
-    step_times+=("$(printf '%-28s %8.1f s  %s' "kexec to init ($k)" "$(echo "$t_next - $t_kexec" | bc)" "live-update request to the next LAB-STAGE")")
+    step_times+=("$(printf '%-28s %8.1f s  %s' "kexec to init ($k)" "$(echo "$t_next - $t_kexec" | bc)" "kexec request to the next stage's init")")
   done < <(awk '
     $2 == "LAB-KEXEC" { t = $1; k = $3 }
     $2 == "LAB-RESULT" && $3 == k && / half=before / { k = "" }
