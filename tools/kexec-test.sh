@@ -483,7 +483,7 @@ mkdir -p "$out"
 step initramfs
 pack_initramfs
 step_done "$(stat -c %s "$out/initrd.cpio") bytes"
-step boot
+step "qemu (boot + scenarios)"
 qemu_start=$EPOCHREALTIME
 boot_guest
 step_done "qemu exit $qemu_rc"
