@@ -10,7 +10,8 @@
 # Run as root (apt-get, the kernel build cache). Safe to rerun: the kernel
 # source package and the built bzImage are cached in $VMM_LAB_CACHE (default
 # /var/cache/vmm-kexec-lab), outside the repository, so a fresh clone on the
-# same machine reuses them. docs/kexec-lab.md describes the lab.
+# same machine reuses them; VMM_LAB_REFRESH=1 looks for a newer source
+# package. docs/kexec-lab.md describes the lab.
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -26,7 +27,7 @@ timeout_s=900
 kernel_only=0
 patch_dir=""
 
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
 while (($#)); do
   case $1 in
     --scenarios) scenarios=$2; shift 2 ;;
@@ -148,12 +149,14 @@ source_candidate() {
 
 fetch_source() {
   mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial" "$cache/src"
-  local uri cand="" fresh
-  # The index is refreshed at most daily: a rerun needs no network at all.
-  fresh=$(find "$apt_dir/lists" -maxdepth 1 -name '*Packages*' -mmin -1440 2>/dev/null | head -1)
-  if [[ -n $fresh && -s $cache/src/current ]] && [[ -f $cache/src/$(awk '{print $3}' "$cache/src/current") ]]; then
+  local uri cand=""
+  # Once a source package is cached the lab sticks to it, so reruns (CI) need
+  # no network and never start a surprise rebuild when Debian publishes a new
+  # 7.2.x. VMM_LAB_REFRESH=1 looks for a newer one.
+  if [[ ${VMM_LAB_REFRESH:-0} != 1 && -s $cache/src/current ]] &&
+    [[ -f $cache/src/$(awk '{print $3}' "$cache/src/current") ]]; then
     read -r src_pkg src_version src_deb <"$cache/src/current"
-    say "source: $src_pkg $src_version (cached; index younger than a day)"
+    say "source: $src_pkg $src_version (cached; VMM_LAB_REFRESH=1 looks for a newer one)"
     return 0
   fi
   uri=$(mirror_uri) || true
