@@ -461,7 +461,11 @@ summarize() {
     elif [[ $status != PASS ]]; then
       failed=1
     fi
-    printf '%-16s %-8s %s\n' "$s" "$status" "${values_of[$s]}"
+    # Long values (error texts) are cut here: the exact text follows below
+    # for a failure, and every line is in the serial log.
+    line=${values_of[$s]}
+    ((${#line} > 240)) && line="${line:0:240}..."
+    printf '%-16s %-8s %s\n' "$s" "$status" "$line"
     if [[ -n $note ]]; then printf '%-16s %-8s %s\n' "" "" "$note"; fi
     # A failure's details as the guest printed them (exact error texts).
     if [[ $status != PASS ]]; then
