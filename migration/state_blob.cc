@@ -248,7 +248,8 @@ class Node {
 template <size_t N>
 struct Literal {
   char text[N];
-  constexpr Literal(const char (&literal)[N]) { std::copy_n(literal, N, text); }  // NOLINT: implicit by design
+  // Implicit, so a string literal can be a template argument.
+  constexpr Literal(const char (&literal)[N]) { std::copy_n(literal, N, text); }
   [[nodiscard]] constexpr std::string_view view() const { return {text, N - 1}; }
 };
 
