@@ -255,26 +255,8 @@ Result<void> Machine::load_state(const migration::SavedState& state) {
   spdlog::debug("state loaded: VM {} us, {} vCPU(s) {} us", duration_cast<microseconds>(vm_done - started).count(),
                 state.vcpus.size(), duration_cast<microseconds>(steady_clock::now() - vm_done).count());
 
-  devices::SerialRegisters serial;
-  serial.ier = state.uart.ier;
-  serial.iir = state.uart.iir;
-  serial.lcr = state.uart.lcr;
-  serial.mcr = state.uart.mcr;
-  serial.lsr = state.uart.lsr;
-  serial.msr = state.uart.msr;
-  serial.scr = state.uart.scr;
-  serial.dll = state.uart.dll;
-  serial.dlm = state.uart.dlm;
-  serial.fcr = state.uart.fcr;
-  serial.rx.assign(state.uart.pending_input.begin(), state.uart.pending_input.end());
-  serial_->set_registers(serial);
-  if (state.test_device.last_verify_request != 0) {
-    devices::VerifyResult last;
-    last.request = state.test_device.last_verify_request;
-    last.pages_checked = state.test_device.last_result.pages_checked;
-    last.mismatches = state.test_device.last_result.mismatches;
-    guest_link_->set_last_verify(last);
-  }
+  VMM_TRY(with_context(serial_->restore(state.uart), "restoring the UART"));
+  guest_link_->restore(state.test_device);
   return {};
 }
 
@@ -336,14 +318,8 @@ Result<migration::SavedState> Machine::save_state() {
     ref.slot_kind = region->slot_kind();
     state.memory.push_back(std::move(ref));
   }
-  const devices::SerialRegisters serial = serial_->registers();
-  state.uart = {serial.ier, serial.iir, serial.lcr, serial.mcr, serial.lsr, serial.msr, serial.scr,
-                serial.dll, serial.dlm, serial.fcr, {serial.rx.begin(), serial.rx.end()}, false};
-  state.test_device.heartbeat_at_save = guest_link_->status().heartbeat;
-  if (auto last = guest_link_->last_verify()) {
-    state.test_device.last_verify_request = last->request;
-    state.test_device.last_result = {last->pages_checked, last->mismatches};
-  }
+  state.uart = serial_->save();
+  state.test_device = guest_link_->save();
   return state;
 }
 

@@ -1,5 +1,7 @@
 #include "migration/saved_state.h"
 
+#include "migration/state_blob.h"
+
 #include <algorithm>
 #include <charconv>
 #include <map>
@@ -85,11 +87,7 @@ bool same_vcpu_state(const kvm::VcpuState& a, const kvm::VcpuState& b) {
          same_elements(a.cpuid, b.cpuid) && a.tsc_khz == b.tsc_khz;
 }
 
-bool operator==(const SavedState& a, const SavedState& b) {
-  return a.metadata == b.metadata && same_vm_state(a.vm, b.vm) &&
-         std::ranges::equal(a.vcpus, b.vcpus, same_vcpu_state) && a.memory == b.memory &&
-         a.uart == b.uart && a.test_device == b.test_device;
-}
+bool operator==(const SavedState& a, const SavedState& b) { return !first_difference(a, b).has_value(); }
 
 Result<void> validate(const SavedState& state) {
   if (has_nul(state.metadata.vm_name) || has_nul(state.metadata.program_version))

@@ -6,6 +6,7 @@
 // compares them byte for byte (same_bytes and the same_* helpers below).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -20,20 +21,32 @@
 
 namespace vmm::migration {
 
-// A 16550 UART (COM1 at 0x3f8). Registers are kept as the guest sees them.
+// The format's limits on variable-length values (encode and decode refuse
+// more; max_encoded_size() is computed from them).
+inline constexpr size_t kMaxStringLength = 1024;      // vm-name, program-version, region names
+inline constexpr size_t kMaxMsrsPerVcpu = 256;        // kvm::msrs_worth_saving() has 22
+inline constexpr size_t kMaxCpuidEntries = 256;       // KVM_MAX_CPUID_ENTRIES
+inline constexpr size_t kMaxUartPendingInput = 64;    // the UART's receive FIFO (devices::Serial)
+
+// A 16550 UART (COM1 at 0x3f8) as devices::Serial::save() produces it and
+// restore() takes it. The defaults are the registers after reset.
 struct UartState {
-  uint8_t ier = 0;  // interrupt enable
-  uint8_t iir = 0;  // interrupt identification
-  uint8_t lcr = 0;  // line control (bit 7: DLAB)
-  uint8_t mcr = 0;  // modem control
-  uint8_t lsr = 0;  // line status
-  uint8_t msr = 0;  // modem status
-  uint8_t scr = 0;  // scratch
-  uint8_t dll = 0;  // divisor latch low
-  uint8_t dlm = 0;  // divisor latch high
-  uint8_t fcr = 0;  // FIFO control (write-only to the guest, but it shapes iir)
-  std::vector<uint8_t> pending_input;  // received bytes the guest has not read yet
-  bool irq_level = false;              // level of the UART's interrupt line at save
+  uint8_t ier = 0;     // interrupt enable
+  uint8_t iir = 0x01;  // interrupt identification at save (derived: restore recomputes it)
+  uint8_t lcr = 0;     // line control (bit 7: DLAB)
+  uint8_t mcr = 0;     // modem control
+  uint8_t lsr = 0x60;  // line status at save (derived: restore recomputes it)
+  uint8_t msr = 0;     // modem status
+  uint8_t scr = 0;     // scratch
+  uint8_t dll = 0x0c;  // divisor latch low
+  uint8_t dlm = 0;     // divisor latch high
+  uint8_t fcr = 0;     // FIFO control (write-only to the guest, but it shapes iir)
+  std::vector<uint8_t> pending_input;  // received bytes the guest has not read yet, oldest first
+  bool irq_level = false;              // level of the UART's interrupt line at save (derived)
+  // The transmitter-empty interrupt is raised and not yet acknowledged (by an
+  // IIR read or a THR write). Not derivable from the registers: without it a
+  // guest waiting for that interrupt to send more would wait forever.
+  bool thr_interrupt_pending = false;
   friend bool operator==(const UartState&, const UartState&) = default;
 };
 
@@ -101,6 +114,9 @@ struct SavedState {
   friend bool operator==(const SavedState& a, const SavedState& b);
 };
 
+// Equality is everything the blob carries (first_difference() in
+// state_blob.h, which walks the schema).
+
 // Byte-wise equality for kernel structs (they have no operator==; their
 // padding is explicit or zero-initialized, and a round trip copies it as is).
 template <class T>
@@ -114,7 +130,8 @@ template <class T>
 // The consistency rules every state must satisfy, checked by encode (so a bad
 // state fails while the old process can still report it) and by decode:
 // at least one vCPU, unique vCPU ids, at least one RAM region, unique region
-// names and memslots, and strings without embedded NULs.
+// names and memslots, and strings without embedded NULs. (The size limits
+// above are checked property by property by the blob's schema.)
 [[nodiscard]] Result<void> validate(const SavedState& state);
 
 // One line for logs: VM name, generation, writer version, vCPUs and regions.

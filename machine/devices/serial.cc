@@ -16,7 +16,8 @@ constexpr uint8_t kIirNone = 0x01, kIirThrEmpty = 0x02, kIirRxData = 0x04, kIirF
 constexpr uint8_t kLsrDataReady = 0x01, kLsrThrEmpty = 0x20, kLsrIdle = 0x40;
 constexpr uint8_t kMcrOut2 = 0x08, kMcrLoop = 0x10;
 constexpr uint8_t kMsrLoopbackBits = 0xb0;  // CTS, DSR, DCD as wired in loopback
-constexpr size_t kMaxRx = 64;
+constexpr size_t kMaxRx = migration::kMaxUartPendingInput;
+constexpr uint8_t kIerBits = 0x0f, kMcrBits = 0x1f;
 constexpr size_t kMaxPendingLine = 4096;
 
 void write_all(int fd, const std::string& text) {
@@ -100,7 +101,7 @@ uint8_t Serial::read_register(uint64_t offset) {
     }
     case kLcr: return regs_.lcr;
     case kMcr: return regs_.mcr;
-    case kLsr: return static_cast<uint8_t>(kLsrThrEmpty | kLsrIdle | (regs_.rx.empty() ? 0 : kLsrDataReady));
+    case kLsr: return line_status();
     case kMsr: return (regs_.mcr & kMcrLoop) ? kMsrLoopbackBits : regs_.msr;
     case kScr: return regs_.scr;
     default: return 0xff;
@@ -128,7 +129,7 @@ void Serial::write_register(uint64_t offset, uint8_t value) {
         // Enabling the transmitter-empty interrupt raises it at once: the
         // transmitter is always empty here.
         if ((value & kIerThrEmpty) && !(regs_.ier & kIerThrEmpty)) regs_.thr_interrupt_pending = true;
-        regs_.ier = value & 0x0f;
+        regs_.ier = value & kIerBits;
       }
       break;
     case kIirFcr:
@@ -136,32 +137,72 @@ void Serial::write_register(uint64_t offset, uint8_t value) {
       if (value & 0x02) regs_.rx.clear();
       break;
     case kLcr: regs_.lcr = value; break;
-    case kMcr: regs_.mcr = value & 0x1f; break;
+    case kMcr: regs_.mcr = value & kMcrBits; break;
     case kScr: regs_.scr = value; break;
     default: break;  // LSR and MSR are read-only
   }
   update_irq();
 }
 
-void Serial::update_irq() {
+uint8_t Serial::line_status() const {
+  return static_cast<uint8_t>(kLsrThrEmpty | kLsrIdle | (regs_.rx.empty() ? 0 : kLsrDataReady));
+}
+
+bool Serial::irq_level_wanted() const {
   // On PCs the UART's interrupt reaches the PIC only with OUT2 set.
-  const bool level = (interrupt_identification() & kIirNone) == 0 && (regs_.mcr & kMcrOut2);
+  return (interrupt_identification() & kIirNone) == 0 && (regs_.mcr & kMcrOut2);
+}
+
+void Serial::update_irq() {
+  const bool level = irq_level_wanted();
   if (level != irq_level_) {
     irq_level_ = level;
     if (irq_) irq_(level);
   }
 }
 
-SerialRegisters Serial::registers() const {
+migration::UartState Serial::save() const {
   std::lock_guard lock(mutex_);
-  return regs_;
+  migration::UartState state;
+  state.ier = regs_.ier;
+  state.iir = interrupt_identification();
+  state.lcr = regs_.lcr;
+  state.mcr = regs_.mcr;
+  state.lsr = line_status();
+  state.msr = regs_.msr;
+  state.scr = regs_.scr;
+  state.dll = regs_.dll;
+  state.dlm = regs_.dlm;
+  state.fcr = regs_.fcr;
+  state.pending_input.assign(regs_.rx.begin(), regs_.rx.end());
+  state.irq_level = irq_level_;
+  state.thr_interrupt_pending = regs_.thr_interrupt_pending;
+  return state;
 }
 
-void Serial::set_registers(const SerialRegisters& registers) {
+Result<void> Serial::restore(const migration::UartState& state) {
+  if (state.pending_input.size() > kMaxRx)
+    return fail("the saved UART holds " + std::to_string(state.pending_input.size()) +
+                " bytes of pending input, more than its " + std::to_string(kMaxRx) + "-byte receive FIFO", EINVAL);
+  if ((state.ier & ~kIerBits) != 0 || (state.mcr & ~kMcrBits) != 0)
+    return fail("the saved UART's IER (" + std::to_string(state.ier) + ") or MCR (" + std::to_string(state.mcr) +
+                ") has bits a 16550 does not have", EINVAL);
   std::lock_guard lock(mutex_);
-  regs_ = registers;
-  irq_level_ = false;
-  update_irq();
+  regs_.ier = state.ier;
+  regs_.lcr = state.lcr;
+  regs_.mcr = state.mcr;
+  regs_.msr = state.msr;
+  regs_.scr = state.scr;
+  regs_.dll = state.dll;
+  regs_.dlm = state.dlm;
+  regs_.fcr = state.fcr;
+  regs_.thr_interrupt_pending = state.thr_interrupt_pending;
+  regs_.rx.assign(state.pending_input.begin(), state.pending_input.end());
+  // The saved IIR, LSR and line level are outputs of the above; the line is
+  // driven whatever it was, so no level the irqchip kept can be stale.
+  irq_level_ = irq_level_wanted();
+  if (irq_) irq_(irq_level_);
+  return {};
 }
 
 }  // namespace vmm::devices

@@ -13,6 +13,7 @@
 #include "base/result.h"
 #include "base/unique_fd.h"
 #include "machine/devices/bus.h"
+#include "migration/saved_state.h"
 
 namespace vmm::devices {
 
@@ -37,14 +38,6 @@ class ConsoleSink {
   std::string pending_;
 };
 
-// Register values a save/restore round-trip must carry.
-struct SerialRegisters {
-  uint8_t ier = 0, iir = 0x01, lcr = 0, mcr = 0, lsr = 0x60, msr = 0, scr = 0;
-  uint8_t dll = 0x0c, dlm = 0, fcr = 0;
-  bool thr_interrupt_pending = false;
-  std::deque<uint8_t> rx;
-};
-
 class Serial final : public BusDevice {
  public:
   using IrqLine = std::function<void(bool level)>;
@@ -57,17 +50,35 @@ class Serial final : public BusDevice {
   void enqueue_input(uint8_t byte);
   void flush() { std::lock_guard lock(mutex_); sink_.flush(); }
 
-  [[nodiscard]] SerialRegisters registers() const;
-  void set_registers(const SerialRegisters& registers);
+  // Everything the guest can observe, as plain data (with the derived IIR,
+  // LSR and interrupt line level as they are now; reading them here has none
+  // of the side effects a guest read has).
+  [[nodiscard]] migration::UartState save() const;
+  // Takes over a saved state: registers, receive FIFO, the pending
+  // transmitter-empty interrupt, and drives the interrupt line to the level
+  // they imply (the irqchip restored before may hold either). Refuses, and
+  // changes nothing, a state this UART cannot hold: more pending input than
+  // its FIFO, or register bits a 16550 does not have.
+  [[nodiscard]] Result<void> restore(const migration::UartState& state);
 
  private:
+  // The registers as stored; IIR and LSR are computed from them.
+  struct Registers {
+    uint8_t ier = 0, lcr = 0, mcr = 0, msr = 0, scr = 0;
+    uint8_t dll = 0x0c, dlm = 0, fcr = 0;
+    bool thr_interrupt_pending = false;
+    std::deque<uint8_t> rx;
+  };
+
   uint8_t read_register(uint64_t offset);
   void write_register(uint64_t offset, uint8_t value);
   uint8_t interrupt_identification() const;
+  uint8_t line_status() const;
+  bool irq_level_wanted() const;
   void update_irq();
 
   mutable std::mutex mutex_;
-  SerialRegisters regs_;
+  Registers regs_;
   ConsoleSink sink_;
   IrqLine irq_;
   bool irq_level_ = false;

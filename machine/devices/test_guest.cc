@@ -104,6 +104,28 @@ void TestGuestLink::set_last_verify(std::optional<VerifyResult> result) {
   last_verify_ = std::move(result);
 }
 
+migration::TestDeviceState TestGuestLink::save() const {
+  migration::TestDeviceState state;
+  state.heartbeat_at_save = shared_->heartbeat;
+  if (auto last = last_verify()) {
+    state.last_verify_request = last->request;
+    state.last_result = {last->pages_checked, last->mismatches};
+  }
+  return state;
+}
+
+void TestGuestLink::restore(const migration::TestDeviceState& state) {
+  if (state.last_verify_request == 0) {
+    set_last_verify(std::nullopt);
+    return;
+  }
+  VerifyResult last;
+  last.request = state.last_verify_request;
+  last.pages_checked = state.last_result.pages_checked;
+  last.mismatches = state.last_result.mismatches;
+  set_last_verify(last);
+}
+
 std::optional<HeartbeatGap> TestGuestLink::largest_gap_since(uint64_t since_heartbeat) const {
   const uint64_t latest = shared_->heartbeat;
   compiler_barrier();

@@ -11,6 +11,7 @@
 
 #include "guest/protocol.h"
 #include "base/result.h"
+#include "migration/saved_state.h"
 
 namespace vmm::devices {
 
@@ -82,6 +83,12 @@ class TestGuestLink {
   [[nodiscard]] Result<VerifyResult> verify(std::chrono::milliseconds timeout);
   [[nodiscard]] std::optional<VerifyResult> last_verify() const;
   void set_last_verify(std::optional<VerifyResult> result);
+
+  // What a live update carries: the last verification and the heartbeat now.
+  [[nodiscard]] migration::TestDeviceState save() const;
+  // Takes the last verification back (request 0: there was none). The
+  // heartbeat lives in the shared region, which the update keeps.
+  void restore(const migration::TestDeviceState& state);
 
   // Nothing when the ring no longer holds heartbeat `since` (it was
   // overwritten): a gap measured without it would be wrong.

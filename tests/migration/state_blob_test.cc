@@ -2,6 +2,8 @@
 // compatibility, and a mutation loop that must never crash.
 #include "migration/state_blob.h"
 
+#include "tests/migration/sample_states.h"
+
 #include <gtest/gtest.h>
 #include <libfdt.h>
 
@@ -14,84 +16,6 @@
 
 namespace vmm::migration {
 namespace {
-
-template <class T>
-void fill_random(T& value, std::mt19937_64& rng) {
-  static_assert(std::is_trivially_copyable_v<T>);
-  auto* bytes = reinterpret_cast<uint8_t*>(&value);
-  for (size_t i = 0; i < sizeof(T); ++i) bytes[i] = static_cast<uint8_t>(rng());
-}
-
-kvm::VcpuState random_vcpu(uint32_t id, size_t msr_count, size_t cpuid_count,
-                           std::mt19937_64& rng) {
-  kvm::VcpuState vcpu;
-  vcpu.id = id;
-  fill_random(vcpu.regs, rng);
-  fill_random(vcpu.sregs, rng);
-  fill_random(vcpu.fpu, rng);
-  fill_random(vcpu.xsave, rng);
-  fill_random(vcpu.xcrs, rng);
-  for (size_t i = 0; i < msr_count; ++i)
-    vcpu.msrs.push_back({static_cast<uint32_t>(rng()), rng()});
-  fill_random(vcpu.lapic, rng);
-  fill_random(vcpu.mp_state, rng);
-  fill_random(vcpu.events, rng);
-  fill_random(vcpu.debugregs, rng);
-  vcpu.cpuid.resize(cpuid_count);
-  for (kvm_cpuid_entry2& entry : vcpu.cpuid) fill_random(entry, rng);
-  vcpu.tsc_khz = rng();
-  return vcpu;
-}
-
-// Every field set, random bytes in every kernel struct, 3 vCPUs with sparse
-// ids, 3 regions (split RAM on guest_memfd plus the shared memfd region).
-SavedState full_state(uint64_t seed = 1) {
-  std::mt19937_64 rng(seed);
-  SavedState state;
-  state.metadata = {.vm_name = "demo-vm",
-                    .generation = 7,
-                    .program_version = "0.1.0-test",
-                    .saved_at_realtime_ns = 1'700'000'000'123'456'789,
-                    .was_running = true,
-                    .guest_tsc_at_save = rng(),
-                    .host_monotonic_ns_at_save = rng(),
-                    .vm_luo_token = 0x1234};
-  fill_random(state.vm.pic_master, rng);
-  fill_random(state.vm.pic_slave, rng);
-  fill_random(state.vm.ioapic, rng);
-  fill_random(state.vm.pit, rng);
-  fill_random(state.vm.clock, rng);
-  state.vcpus.push_back(random_vcpu(0, 12, 9, rng));
-  state.vcpus.push_back(random_vcpu(2, 5, 9, rng));
-  state.vcpus.push_back(random_vcpu(31, 1, 3, rng));
-  state.memory = {
-      {{"ram0", memory::RegionRole::ram, memory::Backing::guest_memfd, 0, 0xC000'0000, 0},
-       101, 100, SlotKind::guest_memfd},
-      {{"ram1", memory::RegionRole::ram, memory::Backing::guest_memfd, 0x1'0000'0000,
-        0x4000'0000, 1},
-       102, 100, SlotKind::guest_memfd},
-      {{"shared", memory::RegionRole::shared, memory::Backing::memfd, 0xD000'0000, 16 << 20, 2},
-       103, 0, SlotKind::userspace},
-  };
-  state.uart = {.ier = 0x0f, .iir = 0xc1, .lcr = 0x03, .mcr = 0x0b, .lsr = 0x61, .msr = 0xb0,
-                .scr = 0x5a, .dll = 0x01, .dlm = 0x00, .fcr = 0xc7,
-                .pending_input = {'l', 's', '\n', 0, 0xff}, .irq_level = true};
-  state.test_device = {.last_verify_request = 4,
-                       .last_result = {.pages_checked = 1'048'576, .mismatches = 0},
-                       .heartbeat_at_save = 98'765};
-  return state;
-}
-
-// The smallest valid state: one vCPU, one RAM region, nothing optional.
-SavedState small_state() {
-  SavedState state;
-  state.metadata.vm_name = "small";
-  state.vcpus.push_back({});
-  state.memory.push_back(
-      {{"ram0", memory::RegionRole::ram, memory::Backing::memfd, 0, 1 << 20, 0}, 1, 0,
-       SlotKind::userspace});
-  return state;
-}
 
 std::vector<uint8_t> encoded(const SavedState& state) {
   auto blob = encode(state);
@@ -246,7 +170,7 @@ TEST(StateBlob, HeaderDescribesTheBlob) {
   ASSERT_EQ(std::memcmp(blob.data(), "VMMSTATE", 8), 0);
   const BlobHeader header = header_of(blob);
   EXPECT_EQ(header.format_major, 1);
-  EXPECT_EQ(header.format_minor, 0);
+  EXPECT_EQ(header.format_minor, 1);
   EXPECT_EQ(header.header_size, kHeaderSize);
   EXPECT_EQ(header.blob_size(), blob.size());
   EXPECT_EQ(header.flags, 0u);
@@ -404,9 +328,9 @@ TEST(DecodeHeader, NewerMinorVersionIsAccepted) {
 TEST(DecodeHeader, HeaderAndTreeMustAgreeOnTheVersion) {
   std::vector<uint8_t> blob = encoded(small_state());
   BlobHeader header = header_of(blob);
-  header.format_minor = 1;  // the tree still says 1.0
+  header.format_minor = 2;  // the tree still says 1.1
   rewrite_header(blob, header);
-  EXPECT_EQ(decode_outcome(blob), "state blob: FDT says format 1.0 but its header says 1.1");
+  EXPECT_EQ(decode_outcome(blob), "state blob: FDT says format 1.1 but its header says 1.2");
 }
 
 TEST(DecodeHeader, LongerHeaderFromANewerWriterIsSkipped) {
@@ -510,9 +434,11 @@ TEST(DecodePayload, StructurallyBrokenFdtIsRefused) {
       << outcome;
 }
 
-// Properties a 1.0 reader accepts without: everything else is required.
+// Properties a 1.x reader accepts without: everything else is required.
+// What 1.1 added is optional, so that 1.0 blobs still decode.
 const std::set<std::string> kOptionalProperties = {"/compatible", "/metadata/program-version",
-                                                   "/devices/uart@3f8/pending-input"};
+                                                   "/devices/uart@3f8/pending-input",
+                                                   "/devices/uart@3f8/thr-interrupt-pending"};
 
 TEST(DecodePayload, EveryRequiredPropertyIsRequired) {
   const std::vector<uint8_t> blob = encoded(full_state());
@@ -546,6 +472,52 @@ TEST(DecodePayload, OptionalPropertiesGetDefaults) {
   expected.metadata.program_version.clear();
   expected.uart.pending_input.clear();
   EXPECT_TRUE(*decoded == expected);
+}
+
+// A 1.0 blob has no thr-interrupt-pending: it counts as pending when the
+// saved IIR says so or the THR-empty interrupt is enabled (a driver waiting
+// for it); otherwise not.
+TEST(DecodePayload, AbsentThrInterruptPendingDefaultsFromTheRegisters) {
+  struct Case {
+    uint8_t ier, iir;
+    bool pending;
+  };
+  for (const Case c : {Case{0x00, 0x01, false}, Case{0x01, 0xc4, false}, Case{0x0d, 0xc1, false},
+                       Case{0x02, 0xc1, true}, Case{0x00, 0xc2, true}}) {
+    SCOPED_TRACE(testing::Message() << "ier " << int(c.ier) << " iir " << int(c.iir));
+    SavedState state = full_state();
+    state.uart.ier = c.ier;
+    state.uart.iir = c.iir;
+    state.uart.thr_interrupt_pending = !c.pending;
+    EditableTree tree(encoded(state));
+    tree.remove_property("/devices/uart@3f8", "thr-interrupt-pending");
+    auto decoded = decode(tree.seal());
+    ASSERT_TRUE(decoded.has_value()) << decoded.error().describe();
+    EXPECT_EQ(decoded->uart.thr_interrupt_pending, c.pending);
+  }
+}
+
+TEST(DecodePayload, ValuesBeyondTheFormatsLimitsAreRefused) {
+  {
+    EditableTree tree(encoded(full_state()));
+    const std::vector<uint8_t> input(kMaxUartPendingInput + 1, 'x');
+    tree.set_bytes("/devices/uart@3f8", "pending-input", input);
+    EXPECT_EQ(decode_outcome(tree.seal()),
+              "state blob: property /devices/uart@3f8/pending-input is 65 bytes, more than the 64 the format allows");
+  }
+  {
+    EditableTree tree(encoded(full_state()));
+    tree.set_string("/metadata", "vm-name", std::string(kMaxStringLength + 1, 'n').c_str());
+    EXPECT_EQ(decode_outcome(tree.seal()),
+              "state blob: property /metadata/vm-name is 1026 bytes, more than the 1025 the format allows");
+  }
+  {
+    EditableTree tree(encoded(full_state()));
+    const std::vector<uint8_t> msrs((kMaxMsrsPerVcpu + 1) * 16, 0);
+    tree.set_bytes("/vcpus/vcpu@0", "msrs", msrs);
+    EXPECT_EQ(decode_outcome(tree.seal()),
+              "state blob: property /vcpus/vcpu@0/msrs is 4112 bytes, more than the 4096 the format allows");
+  }
 }
 
 TEST(DecodePayload, EveryPropertyWithAnExtraByteIsRefused) {
