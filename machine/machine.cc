@@ -275,6 +275,9 @@ Result<void> Machine::load_state(const migration::SavedState& state) {
     last.mismatches = state.test_device.last_result.mismatches;
     guest_link_->set_last_verify(last);
   }
+  // The test guest's vCPU count and TSC rate as the VMM knows them, not as
+  // the (guest-writable) shared region says.
+  guest_link_->adopt(config_.vcpus, state.vcpus.empty() ? 0 : state.vcpus[0].tsc_khz);
   return {};
 }
 

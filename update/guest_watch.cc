@@ -3,18 +3,33 @@
 #include <algorithm>
 #include <vector>
 
+#include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
 namespace vmm {
 
 using namespace std::chrono;
 
-void GuestWatch::start(ResumePoint point) {
-  update([](Findings& found) { found.brownout_status = "pending"; });
-  gap_thread_ = std::thread([this, point] { measure_guest_gap(point.heartbeat_at_save); });
-  brownout_thread_ = std::thread([this, point] { measure_brownout(point); });
+namespace {
+
+// Slack for what the guest's clock and ours legitimately disagree by: the
+// heartbeat before the freeze came up to one tick (at most 4 s, tick-us)
+// before the save, and threads here wake late on a busy host.
+constexpr uint64_t kClockSlackUs = 5'000'000;
+
+uint64_t us_since(steady_clock::time_point start) {
+  return static_cast<uint64_t>(duration_cast<microseconds>(steady_clock::now() - start).count());
 }
 
+int64_t as_int64(uint64_t us) { return us > uint64_t{INT64_MAX} ? INT64_MAX : static_cast<int64_t>(us); }
+
+}  // namespace
+
+void GuestWatch::start(ResumePoint point) {
+  update([](Findings& found) { found.brownout_status = "pending"; });
+  gap_thread_ = std::thread([this, point] { measure_guest_gap(point); });
+  brownout_thread_ = std::thread([this, point] { measure_brownout(point); });
+}
 void GuestWatch::stop() {
   stopping_ = true;
   if (gap_thread_.joinable()) gap_thread_.join();
@@ -36,6 +51,11 @@ void GuestWatch::set_guest_gap(int64_t us) {
   update([&](Findings& found) { found.guest_gap_us = us; });
 }
 
+void GuestWatch::set_guest_gap_unavailable(std::string reason) {
+  spdlog::info("live update: guest gap not measured: {}", reason);
+  update([&](Findings& found) { found.guest_gap_reason = std::move(reason); });
+}
+
 void GuestWatch::set_baseline(int64_t us) {
   update([&](Findings& found) { found.baseline_pass_us = us; });
 }
@@ -43,24 +63,44 @@ void GuestWatch::set_baseline(int64_t us) {
 // The guest stamps each heartbeat with its TSC: the largest step between the
 // heartbeat before the freeze and those after the resume is the gap the guest
 // saw (blackout plus the brown-out of re-faulting its pages in the new VM).
-void GuestWatch::measure_guest_gap(uint64_t heartbeat_at_save) {
+// The step across the freeze spans at least the TSC the clocks were moved
+// on by, and no step can be longer than the freeze plus the time since.
+void GuestWatch::measure_guest_gap(ResumePoint point) {
   auto& guest = machine_.guest();
-  if (!guest.guest_speaks() || guest.tsc_khz() == 0) return;
-  const auto deadline = steady_clock::now() + seconds(5);
+  const uint64_t khz = guest.tsc_khz();
+  if (khz == 0) return set_guest_gap_unavailable("the VMM knows no TSC rate for the guest");
+  if (!guest.guest_speaks()) return set_guest_gap_unavailable("the guest does not speak the test guest protocol");
+  if (point.heartbeat_at_save == 0) return set_guest_gap_unavailable("the guest had not beaten before the update");
+  const auto started = steady_clock::now();
+  const auto deadline = started + seconds(5);
   while (!stopping_ && steady_clock::now() < deadline) {
-    if (machine_.run_state() != RunState::running) return;  // a paused VM has no gap to show yet
-    if (guest.status().heartbeat >= heartbeat_at_save + 5) {
-      const auto gap = guest.largest_gap_since(heartbeat_at_save > 0 ? heartbeat_at_save - 1 : 0);
-      if (!gap) {
-        spdlog::warn("live update: the guest's heartbeat ring moved past the freeze before it was read; "
-                     "guest_gap_us is not reported");
-        return;
-      }
-      set_guest_gap(static_cast<int64_t>(gap->gap_tsc * 1000 / guest.tsc_khz()));
-      return;
+    // A paused VM has no gap to show yet.
+    if (machine_.run_state() != RunState::running)
+      return set_guest_gap_unavailable("the VM stopped running before the guest beat again");
+    const uint64_t heartbeat = guest.heartbeat();
+    if (heartbeat < point.heartbeat_at_save)
+      return set_guest_gap_unavailable(fmt::format("the guest's heartbeat went backwards across the update, from "
+                                                   "{} to {}", point.heartbeat_at_save, heartbeat));
+    if (heartbeat - point.heartbeat_at_save >= 5) {
+      const auto gap = guest.largest_gap_since(point.heartbeat_at_save - 1);
+      if (!gap) return set_guest_gap_unavailable(gap.error().message);
+      const uint64_t frozen_tsc = point.guest_tsc_at_resume >= point.guest_tsc_at_save
+                                      ? point.guest_tsc_at_resume - point.guest_tsc_at_save : 0;
+      if (gap->gap_tsc < frozen_tsc)
+        return set_guest_gap_unavailable(fmt::format(
+            "the guest's heartbeat ring shows at most {} TSC cycles between two heartbeats, less than the {} its "
+            "clock was moved on by across the freeze", gap->gap_tsc, frozen_tsc));
+      const uint64_t gap_us = devices::tsc_to_us(gap->gap_tsc, khz);
+      const uint64_t possible_us = devices::tsc_to_us(frozen_tsc, khz) + us_since(started) + kClockSlackUs;
+      if (gap_us > possible_us)
+        return set_guest_gap_unavailable(fmt::format(
+            "the guest's heartbeat ring shows a gap of {} us, longer than the {} us the update can have stopped it",
+            gap_us, possible_us));
+      return set_guest_gap(as_int64(gap_us));
     }
     std::this_thread::sleep_for(milliseconds(2));
   }
+  if (!stopping_) set_guest_gap_unavailable("the guest did not beat five times within 5 s of the resume");
 }
 
 void GuestWatch::set_brownout(std::string status, std::optional<int64_t> us, std::optional<std::string> reason) {
@@ -82,18 +122,21 @@ void GuestWatch::set_brownout(std::string status, std::optional<int64_t> us, std
 void GuestWatch::measure_brownout(ResumePoint point) {
   auto& guest = machine_.guest();
   const uint64_t khz = guest.tsc_khz();
-  if (!guest.guest_speaks() || khz == 0)
+  if (khz == 0) return set_brownout("unavailable", std::nullopt, "the VMM knows no TSC rate for the guest");
+  if (!guest.guest_speaks())
     return set_brownout("unavailable", std::nullopt, "the guest does not speak the test guest protocol");
   if (guest.sweep_ms() == 0)
     return set_brownout("unavailable", std::nullopt,
                         "the guest does not sweep its RAM (boot the test guest with sweep-ms=N)");
   if (!point.running)
     return set_brownout("unavailable", std::nullopt, "the VM was paused across the update");
+  const auto started = steady_clock::now();
   std::vector<uint64_t> before;
   uint64_t last_seen = 0;
-  for (const auto& pass : guest.sweeps_since(0)) {
-    if (pass.end_tsc <= point.guest_tsc_at_save && pass.end_tsc > pass.start_tsc)
-      before.push_back(devices::sweep_pass_us(pass, khz));
+  for (const auto& pass : guest.sweeps_since(0)) {  // at most the ring
+    // sweep_pass_us is 0 for a span that is backwards or longer than any pass.
+    if (const uint64_t us = devices::sweep_pass_us(pass, khz); pass.end_tsc <= point.guest_tsc_at_save && us != 0)
+      before.push_back(us);
     last_seen = pass.number;
   }
   if (before.empty())
@@ -101,7 +144,7 @@ void GuestWatch::measure_brownout(ResumePoint point) {
   if (before.size() > 8) before.erase(before.begin(), before.end() - 8);
   std::ranges::sort(before);
   const uint64_t baseline_us = before[before.size() / 2];
-  set_baseline(static_cast<int64_t>(baseline_us));
+  set_baseline(as_int64(baseline_us));
   // A pass over 8 GiB that re-faults every page takes ~30 s here.
   const auto deadline = steady_clock::now() + seconds(120) + seconds(10 * (machine_.config().ram_size >> 30));
   while (!stopping_ && steady_clock::now() < deadline) {
@@ -109,12 +152,20 @@ void GuestWatch::measure_brownout(ResumePoint point) {
       return set_brownout("unavailable", std::nullopt, "the VM stopped running before the guest swept its RAM again");
     for (const auto& pass : guest.sweeps_since(last_seen)) {
       last_seen = pass.number;
-      if (pass.start_tsc < point.guest_tsc_at_resume || pass.end_tsc <= pass.start_tsc) continue;
-      if (devices::sweep_pass_us(pass, khz) * 4 <= baseline_us * 5) {
-        return set_brownout("measured",
-                            static_cast<int64_t>((pass.start_tsc - point.guest_tsc_at_resume) * 1000 / khz),
-                            std::nullopt);
-      }
+      const uint64_t us = devices::sweep_pass_us(pass, khz);
+      if (pass.start_tsc < point.guest_tsc_at_resume || us == 0) continue;
+      if (us > baseline_us + baseline_us / 4) continue;  // not yet within 1.25x
+      // The pass ended before we read it, so after the resume it can have
+      // run no longer than we have been watching.
+      const uint64_t since_resume_us = devices::tsc_to_us(pass.end_tsc - point.guest_tsc_at_resume, khz);
+      const uint64_t possible_us = us_since(started) + kClockSlackUs;
+      if (since_resume_us > possible_us)
+        return set_brownout("unavailable", std::nullopt,
+                            fmt::format("the guest's sweep pass {} ends {} us after the resume, but only {} us can "
+                                        "have passed",
+                                        pass.number, since_resume_us, possible_us));
+      return set_brownout("measured", as_int64(devices::tsc_to_us(pass.start_tsc - point.guest_tsc_at_resume, khz)),
+                          std::nullopt);
     }
     std::this_thread::sleep_for(milliseconds(5));
   }

@@ -4,6 +4,13 @@
 // over all of RAM runs as fast as before). Both read the test guest's shared
 // region (guest/protocol.h) through the Machine's TestGuestLink, each in its
 // own thread, and publish what they find through a callback.
+//
+// The shared region is guest-writable, so every value read from it is
+// untrusted: the loops are bounded by time and by the rings (TestGuestLink),
+// the TSC rate is the VMM's own, and a result the guest's data cannot
+// support (a gap shorter than the freeze or longer than the time that has
+// passed, a counter that went backwards) ends as "unavailable" with a reason
+// instead of as a wrong number.
 #pragma once
 
 #include <atomic>
@@ -31,6 +38,8 @@ class GuestWatch {
   // What the watch has found so far; the fields of the update record it owns.
   struct Findings {
     std::optional<int64_t> guest_gap_us;
+    // Why there is no guest_gap_us, once it is known there will be none.
+    std::optional<std::string> guest_gap_reason;
     // "pending" until known, then "measured" (brownout_us) or "unavailable"
     // (brownout_reason).
     std::optional<std::string> brownout_status;
@@ -53,9 +62,10 @@ class GuestWatch {
   [[nodiscard]] Findings findings() const;
 
  private:
-  void measure_guest_gap(uint64_t heartbeat_at_save);
+  void measure_guest_gap(ResumePoint point);
   void measure_brownout(ResumePoint point);
   void set_guest_gap(int64_t us);
+  void set_guest_gap_unavailable(std::string reason);
   void set_baseline(int64_t us);
   void set_brownout(std::string status, std::optional<int64_t> us, std::optional<std::string> reason);
   // Publishes the findings after `change` updated them.

@@ -102,6 +102,7 @@ json UpdateRecord::to_json() const {
   if (!mode.empty()) out["mode"] = mode;
   if (blackout_us) out["blackout_us"] = *blackout_us;
   if (guest_gap_us) out["guest_gap_us"] = *guest_gap_us;
+  if (guest_gap_reason) out["guest_gap_reason"] = *guest_gap_reason;
   if (error) out["error"] = *error;
   if (pid) out["pid"] = *pid;
   if (brownout_status) out["brownout_status"] = *brownout_status;
@@ -559,6 +560,7 @@ void LiveUpdate::watch_after_resume(ResumePoint point) { watch_.start(point); }
 void LiveUpdate::publish_watch(const GuestWatch::Findings& found) {
   std::lock_guard lock(record_mutex_);
   record_.guest_gap_us = found.guest_gap_us;
+  record_.guest_gap_reason = found.guest_gap_reason;
   record_.brownout_status = found.brownout_status;
   record_.brownout_us = found.brownout_us;
   record_.baseline_pass_us = found.baseline_pass_us;
@@ -571,6 +573,7 @@ void LiveUpdate::record_completed(UpdateRecord record) {
     std::lock_guard lock(record_mutex_);
     // The watchers may already have measured: keep what they found.
     record.guest_gap_us = record_.guest_gap_us;
+    record.guest_gap_reason = record_.guest_gap_reason;
     record.brownout_status = record_.brownout_status;
     record.brownout_us = record_.brownout_us;
     record.baseline_pass_us = record_.baseline_pass_us;
