@@ -257,6 +257,9 @@ Result<void> Machine::load_state(const migration::SavedState& state) {
 
   VMM_TRY(with_context(serial_->restore(state.uart), "restoring the UART"));
   guest_link_->restore(state.test_device);
+  // The test guest's vCPU count and TSC rate as the VMM knows them, not as
+  // the (guest-writable) shared region says.
+  guest_link_->adopt(config_.vcpus, state.vcpus.empty() ? 0 : state.vcpus[0].tsc_khz);
   return {};
 }
 

@@ -36,13 +36,12 @@ std::string own_binary() {
 }
 
 LiveUpdate::LiveUpdate(Machine& machine, LaunchOptions launch, UpdateRecord last)
-    : machine_(machine), launch_(std::move(launch)), record_(std::move(last)) {}
+    : machine_(machine),
+      launch_(std::move(launch)),
+      record_(std::move(last)),
+      watch_(machine, [this](const GuestWatch::Findings& found) { publish_watch(found); }) {}
 
-LiveUpdate::~LiveUpdate() {
-  stopping_ = true;
-  if (gap_thread_.joinable()) gap_thread_.join();
-  if (brownout_thread_.joinable()) brownout_thread_.join();
-}
+LiveUpdate::~LiveUpdate() { watch_.stop(); }
 
 json LiveUpdate::query() const {
   std::lock_guard lock(record_mutex_);
@@ -240,13 +239,16 @@ void LiveUpdate::finish_record(UpdateRecord record) {
   record_ = std::move(record);
 }
 
-void LiveUpdate::watch_after_resume(ResumePoint point) {
-  {
-    std::lock_guard lock(record_mutex_);
-    record_.brownout_status = "pending";
-  }
-  gap_thread_ = std::thread([this, point] { measure_guest_gap(point.heartbeat_at_save); });
-  brownout_thread_ = std::thread([this, point] { measure_brownout(point); });
+void LiveUpdate::watch_after_resume(ResumePoint point) { watch_.start(point); }
+
+void LiveUpdate::publish_watch(const GuestWatch::Findings& found) {
+  std::lock_guard lock(record_mutex_);
+  record_.guest_gap_us = found.guest_gap_us;
+  record_.guest_gap_reason = found.guest_gap_reason;
+  record_.brownout_status = found.brownout_status;
+  record_.brownout_us = found.brownout_us;
+  record_.baseline_pass_us = found.baseline_pass_us;
+  record_.brownout_reason = found.brownout_reason;
 }
 
 void LiveUpdate::record_completed(UpdateRecord record) {
@@ -255,6 +257,7 @@ void LiveUpdate::record_completed(UpdateRecord record) {
     std::lock_guard lock(record_mutex_);
     // The watchers may already have measured: keep what they found.
     record.guest_gap_us = record_.guest_gap_us;
+    record.guest_gap_reason = record_.guest_gap_reason;
     record.brownout_status = record_.brownout_status;
     record.brownout_us = record_.brownout_us;
     record.baseline_pass_us = record_.baseline_pass_us;
@@ -262,91 +265,6 @@ void LiveUpdate::record_completed(UpdateRecord record) {
     record_ = std::move(record);
   }
   machine_.emit_event("LIVE_UPDATE", query());
-}
-
-// The guest stamps each heartbeat with its TSC: the largest step between the
-// heartbeat before the freeze and those after the resume is the gap the guest
-// saw (blackout plus the brown-out of re-faulting its pages in the new VM).
-void LiveUpdate::measure_guest_gap(uint64_t heartbeat_at_save) {
-  auto& guest = machine_.guest();
-  if (!guest.guest_speaks() || guest.tsc_khz() == 0) return;
-  const auto deadline = steady_clock::now() + seconds(5);
-  while (!stopping_ && steady_clock::now() < deadline) {
-    if (machine_.run_state() != RunState::running) return;  // a paused VM has no gap to show yet
-    if (guest.status().heartbeat >= heartbeat_at_save + 5) {
-      const auto gap = guest.largest_gap_since(heartbeat_at_save > 0 ? heartbeat_at_save - 1 : 0);
-      if (!gap) {
-        spdlog::warn("live update: the guest's heartbeat ring moved past the freeze before it was read; "
-                     "guest_gap_us is not reported");
-        return;
-      }
-      std::lock_guard lock(record_mutex_);
-      record_.guest_gap_us = static_cast<int64_t>(gap->gap_tsc * 1000 / guest.tsc_khz());
-      return;
-    }
-    std::this_thread::sleep_for(milliseconds(2));
-  }
-}
-
-void LiveUpdate::set_brownout(std::string status, std::optional<int64_t> us, std::optional<std::string> reason) {
-  std::lock_guard lock(record_mutex_);
-  record_.brownout_status = std::move(status);
-  record_.brownout_us = us;
-  record_.brownout_reason = std::move(reason);
-  if (record_.brownout_reason) spdlog::info("live update: brown-out not measured: {}", *record_.brownout_reason);
-  if (record_.brownout_us) spdlog::info("live update: brown-out {} us", *record_.brownout_us);
-}
-
-// The brown-out: a rebuilt VM starts with empty (shadow) page tables, so the
-// guest re-faults every page it touches. The guest's sweep reads all of its
-// RAM once per pass and stamps each pass with its TSC. Baseline: the median
-// of the last (up to 8) passes that ended before the freeze. The brown-out
-// ends where the first pass that started after the resume runs within 1.25x
-// of that baseline; its resolution is the guest's sweep period.
-void LiveUpdate::measure_brownout(ResumePoint point) {
-  auto& guest = machine_.guest();
-  const uint64_t khz = guest.tsc_khz();
-  if (!guest.guest_speaks() || khz == 0)
-    return set_brownout("unavailable", std::nullopt, "the guest does not speak the test guest protocol");
-  if (guest.sweep_ms() == 0)
-    return set_brownout("unavailable", std::nullopt,
-                        "the guest does not sweep its RAM (boot the test guest with sweep-ms=N)");
-  if (!point.running)
-    return set_brownout("unavailable", std::nullopt, "the VM was paused across the update");
-  std::vector<uint64_t> before;
-  uint64_t last_seen = 0;
-  for (const auto& pass : guest.sweeps_since(0)) {
-    if (pass.end_tsc <= point.guest_tsc_at_save && pass.end_tsc > pass.start_tsc)
-      before.push_back(devices::sweep_pass_us(pass, khz));
-    last_seen = pass.number;
-  }
-  if (before.empty())
-    return set_brownout("unavailable", std::nullopt, "the guest finished no RAM sweep pass before the update");
-  if (before.size() > 8) before.erase(before.begin(), before.end() - 8);
-  std::ranges::sort(before);
-  const uint64_t baseline_us = before[before.size() / 2];
-  {
-    std::lock_guard lock(record_mutex_);
-    record_.baseline_pass_us = static_cast<int64_t>(baseline_us);
-  }
-  // A pass over 8 GiB that re-faults every page takes ~30 s here.
-  const auto deadline = steady_clock::now() + seconds(120) + seconds(10 * (machine_.config().ram_size >> 30));
-  while (!stopping_ && steady_clock::now() < deadline) {
-    if (machine_.run_state() != RunState::running)
-      return set_brownout("unavailable", std::nullopt, "the VM stopped running before the guest swept its RAM again");
-    for (const auto& pass : guest.sweeps_since(last_seen)) {
-      last_seen = pass.number;
-      if (pass.start_tsc < point.guest_tsc_at_resume || pass.end_tsc <= pass.start_tsc) continue;
-      if (devices::sweep_pass_us(pass, khz) * 4 <= baseline_us * 5) {
-        return set_brownout("measured",
-                            static_cast<int64_t>((pass.start_tsc - point.guest_tsc_at_resume) * 1000 / khz),
-                            std::nullopt);
-      }
-    }
-    std::this_thread::sleep_for(milliseconds(5));
-  }
-  if (!stopping_)
-    set_brownout("unavailable", std::nullopt, "the guest's RAM sweep did not get back to its speed before the update");
 }
 
 }  // namespace vmm

@@ -31,6 +31,7 @@
 
 #include "base/result.h"
 #include "machine/machine.h"
+#include "update/guest_watch.h"
 #include "update/handover.h"
 #include "update/handover_record.h"
 #include "update/record.h"
@@ -64,13 +65,8 @@ class LiveUpdate {
 
   // In a restored process, right after the resume: measures the guest's own
   // view of the gap once it has beaten again (its heartbeat ring is short),
-  // and the brown-out. Guest TSCs are those of vCPU 0.
-  struct ResumePoint {
-    uint64_t heartbeat_at_save = 0;
-    uint64_t guest_tsc_at_save = 0;
-    uint64_t guest_tsc_at_resume = 0;  // after the clocks were moved on
-    bool running = true;
-  };
+  // and the brown-out (guest_watch.h).
+  using ResumePoint = GuestWatch::ResumePoint;
   void watch_after_resume(ResumePoint point);
   // In a restored process: the update that brought it here, completed.
   void record_completed(UpdateRecord record);
@@ -81,9 +77,8 @@ class LiveUpdate {
  private:
   [[nodiscard]] Result<UpdateRequest> parse(const nlohmann::json& arguments) const;
   void finish_record(UpdateRecord record);
-  void measure_guest_gap(uint64_t heartbeat_at_save);
-  void measure_brownout(ResumePoint point);
-  void set_brownout(std::string status, std::optional<int64_t> us, std::optional<std::string> reason);
+  // Copies what the guest watch found into the record.
+  void publish_watch(const GuestWatch::Findings& found);
 
   Machine& machine_;
   LaunchOptions launch_;
@@ -93,9 +88,8 @@ class LiveUpdate {
   std::atomic<bool> cancelled_{false};
   mutable std::mutex record_mutex_;
   UpdateRecord record_;
-  std::thread gap_thread_;
-  std::thread brownout_thread_;
-  std::atomic<bool> stopping_{false};
+  // Last: its threads publish into record_, so it stops first.
+  GuestWatch watch_;
 };
 
 }  // namespace vmm

@@ -45,7 +45,7 @@ struct LuoSession {
       VMM_TRY(with_context(session->preserve(unsupported.ref(), kRecordToken + 1), "preserving an injected eventfd"));
     }
     const bool too_small = context.request.faults.fault == Fault::state_too_large;
-    VMM_TRY(state.create(too_small ? 4096 : state_memfd_size(machine.config().vcpus)));
+    VMM_TRY(state.create(too_small ? 4096 : state_memfd_size(machine.config().vcpus, machine.memory().regions().size())));
     VMM_TRY(with_context(session->preserve(state.fd.ref(), kStateToken), "preserving the state memfd"));
     return {};
   }

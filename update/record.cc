@@ -36,6 +36,7 @@ json UpdateRecord::to_json() const {
   if (!mode.empty()) out["mode"] = mode;
   if (blackout_us) out["blackout_us"] = *blackout_us;
   if (guest_gap_us) out["guest_gap_us"] = *guest_gap_us;
+  if (guest_gap_reason) out["guest_gap_reason"] = *guest_gap_reason;
   if (error) out["error"] = *error;
   if (pid) out["pid"] = *pid;
   if (brownout_status) out["brownout_status"] = *brownout_status;

@@ -27,6 +27,7 @@ struct UpdateRecord {
   std::vector<UpdatePhase> phases;
   std::optional<int64_t> blackout_us;
   std::optional<int64_t> guest_gap_us;
+  std::optional<std::string> guest_gap_reason;  // why there is no guest_gap_us
   // The brown-out after the resume: until the guest's pass over its whole
   // RAM runs as fast as before the update (its sweep, guest option sweep-ms).
   // "pending" until known, then "measured" (brownout_us) or "unavailable"

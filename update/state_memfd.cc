@@ -1,5 +1,7 @@
 #include "update/state_memfd.h"
 
+#include "migration/state_blob.h"
+
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -15,6 +17,10 @@ Result<void> StateMemfd::create(uint64_t size) {
   return {};
 }
 
-uint64_t state_memfd_size(size_t vcpus) { return 256 * 1024 + uint64_t{vcpus} * 64 * 1024; }
+uint64_t state_memfd_size(size_t vcpus, size_t regions) {
+  const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+  const uint64_t bound = migration::max_encoded_size(vcpus, regions);
+  return (bound + page - 1) / page * page;
+}
 
 }  // namespace vmm

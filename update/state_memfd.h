@@ -20,9 +20,8 @@ struct StateMemfd {
   [[nodiscard]] Result<void> create(uint64_t size);
 };
 
-// Room for the state of a VM with `vcpus` vCPUs: the VM part, devices and
-// layout are small; a vCPU is ~12 KiB (XSAVE area, LAPIC page, CPUID, MSRs).
-// Generous, and page-aligned.
-[[nodiscard]] uint64_t state_memfd_size(size_t vcpus);
+// Room for the state of a VM with `vcpus` vCPUs and `regions` memory
+// regions: the schema's upper bound (migration::max_encoded_size), page-aligned.
+[[nodiscard]] uint64_t state_memfd_size(size_t vcpus, size_t regions);
 
 }  // namespace vmm

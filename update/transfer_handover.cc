@@ -32,7 +32,7 @@ class TransferHandover final : public Handover {
       VMM_TRY(check_compatible(this_binary_versions(), theirs));
     }
     const bool too_small = request.faults.fault == Fault::state_too_large;
-    VMM_TRY(state_.create(too_small ? 4096 : state_memfd_size(machine.config().vcpus)));
+    VMM_TRY(state_.create(too_small ? 4096 : state_memfd_size(machine.config().vcpus, machine.memory().regions().size())));
 
     std::vector<std::string> args;
     if (!context.launch.control_socket_path.empty())

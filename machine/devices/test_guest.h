@@ -44,7 +44,8 @@ struct GuestStatus {
 };
 
 // The largest gap between consecutive heartbeats the guest recorded after
-// heartbeat `since`, in TSC ticks; read from the guest's ring.
+// heartbeat `since`, in TSC ticks; read from the guest's ring. A step whose
+// TSC goes backwards counts as no gap.
 struct HeartbeatGap {
   uint64_t gap_tsc = 0;
   uint64_t after_heartbeat = 0;  // the gap ends at this heartbeat
@@ -56,30 +57,58 @@ struct SweepPass {
   uint64_t number = 0, start_tsc = 0, end_tsc = 0;
 };
 
-// A pass's duration. 0 for a span the TSC crossed backwards (a restore
-// elsewhere) or without a TSC frequency.
-[[nodiscard]] inline uint64_t sweep_pass_us(const SweepPass& pass, uint64_t tsc_khz) {
-  return tsc_khz != 0 && pass.end_tsc > pass.start_tsc ? (pass.end_tsc - pass.start_tsc) * 1000 / tsc_khz : 0;
+// Longer than any real sweep pass (one over 64 GiB that re-faults every page
+// takes minutes): a span beyond it is guest nonsense, not a duration.
+inline constexpr uint64_t kMaxPlausiblePassUs = uint64_t{3600} * 1'000'000;
+
+// TSC cycles at `tsc_khz` in us, without overflow (saturates); 0 without a rate.
+[[nodiscard]] inline uint64_t tsc_to_us(uint64_t cycles, uint64_t tsc_khz) {
+  if (tsc_khz == 0) return 0;
+  const unsigned __int128 us = static_cast<unsigned __int128>(cycles) * 1000 / tsc_khz;
+  return us > UINT64_MAX ? UINT64_MAX : static_cast<uint64_t>(us);
 }
 
+// A pass's duration. 0 for a span the TSC crossed backwards (a restore
+// elsewhere), without a TSC frequency, or for a span no pass can take.
+[[nodiscard]] inline uint64_t sweep_pass_us(const SweepPass& pass, uint64_t tsc_khz) {
+  if (tsc_khz == 0 || pass.end_tsc <= pass.start_tsc) return 0;
+  const uint64_t us = tsc_to_us(pass.end_tsc - pass.start_tsc, tsc_khz);
+  return us <= kMaxPlausiblePassUs ? us : 0;
+}
+
+// Everything in the shared region is written by the guest (even the
+// "config" part: nothing stops it), so every value read here is untrusted:
+// each is read once, counts and ring indices are clamped to the rings, loops
+// are bounded by the ring sizes or by the VMM's own vCPU count, and the TSC
+// rate used for conversions is the VMM's own (configure/adopt), never the
+// guest's copy.
 class TestGuestLink {
  public:
   // `shared` is the VMM's mapping of the shared region.
   TestGuestLink(uint8_t* shared, uint64_t shared_size) : shared_size_(shared_size),
       shared_(reinterpret_cast<volatile vmm_guest_shared*>(shared)) {}
 
-  // Fills the configuration before the first vCPU runs.
+  // Fills the configuration before the first vCPU runs, and keeps the vCPU
+  // count and TSC rate for the VMM's own use.
   void configure(uint32_t vcpus, uint64_t seed, uint64_t tsc_khz);
+  // A VM restored from saved state: the guest was configured by an earlier
+  // process; the VMM takes the vCPU count and TSC rate from what it knows
+  // itself (the VM's configuration, the saved vCPU state) and writes nothing.
+  void adopt(uint32_t vcpus, uint64_t tsc_khz);
 
   [[nodiscard]] GuestStatus status() const;
-  [[nodiscard]] uint64_t seed() const { return shared_->seed; }
-  [[nodiscard]] uint64_t tsc_khz() const { return shared_->tsc_khz; }
-  [[nodiscard]] uint32_t vcpus() const { return shared_->nr_vcpus; }
+  // The guest's heartbeat counter (one read).
+  [[nodiscard]] uint64_t heartbeat() const { return shared_->heartbeat; }
+  // The VMM's own values (0 before configure/adopt), not the region's.
+  [[nodiscard]] uint64_t tsc_khz() const { return tsc_khz_; }
+  [[nodiscard]] uint32_t vcpus() const { return vcpus_; }
   // True once the guest has written anything: an arbitrary --kernel never does.
   [[nodiscard]] bool guest_speaks() const { return shared_->phase != VMM_GUEST_PHASE_BOOTING || shared_->heartbeat != 0; }
 
   // Asks every vCPU to verify its slice and waits for all answers. Waits for
-  // stamping to finish first. Serialized: one verification at a time.
+  // stamping to finish first. Serialized: one verification at a time. An
+  // answer that cannot be right (more mismatches than pages checked, counts
+  // that overflow) is an error, not a result.
   [[nodiscard]] Result<VerifyResult> verify(std::chrono::milliseconds timeout);
   [[nodiscard]] std::optional<VerifyResult> last_verify() const;
   void set_last_verify(std::optional<VerifyResult> result);
@@ -90,9 +119,11 @@ class TestGuestLink {
   // heartbeat lives in the shared region, which the update keeps.
   void restore(const migration::TestDeviceState& state);
 
-  // Nothing when the ring no longer holds heartbeat `since` (it was
-  // overwritten): a gap measured without it would be wrong.
-  [[nodiscard]] std::optional<HeartbeatGap> largest_gap_since(uint64_t since_heartbeat) const;
+  // An error naming why when the ring no longer holds heartbeat `since` (it
+  // was overwritten, or the counter jumped), when the counter went back
+  // below it, or for `since` 0 (heartbeat 0 has no ring entry): a gap
+  // measured without it would be wrong. At most RING - 2 steps are read.
+  [[nodiscard]] Result<HeartbeatGap> largest_gap_since(uint64_t since_heartbeat) const;
 
   // The RAM sweep. The passes numbered above `after_number` that the guest's
   // ring still holds, oldest first: at most the last VMM_GUEST_SWEEP_RING - 1
@@ -110,6 +141,8 @@ class TestGuestLink {
 
   uint64_t shared_size_;
   volatile vmm_guest_shared* shared_;
+  uint32_t vcpus_ = 0;
+  uint64_t tsc_khz_ = 0;
   std::mutex verify_mutex_;
   mutable std::mutex last_mutex_;
   std::optional<VerifyResult> last_verify_;

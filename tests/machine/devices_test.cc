@@ -1,7 +1,12 @@
 #include <gtest/gtest.h>
+#include <signal.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <atomic>
+#include <functional>
 #include <thread>
 #include <vector>
 
@@ -430,6 +435,214 @@ TEST(TestGuestLink, SweepDurationIsZeroForABackwardsTsc) {
   EXPECT_EQ(sweep_pass_us({.number = 1, .start_tsc = 5000, .end_tsc = 2000}, 1000), 0u);
   EXPECT_EQ(sweep_pass_us({.number = 1, .start_tsc = 2000, .end_tsc = 5000}, 0), 0u);
   EXPECT_EQ(sweep_pass_us({.number = 1, .start_tsc = 0, .end_tsc = 3'000'000}, 3'000'000), 1000u);
+}
+
+// ---------------------------------------------------------------------------
+// A hostile guest: everything in the shared region is the guest's to write.
+
+// Runs `body` in a child process with a 1 GiB address-space limit and a time
+// limit. A loop that guest data can make endless, or an allocation it can
+// make unbounded, then fails the test instead of hanging or OOM-killing it.
+// `body` returns whether its own checks passed.
+::testing::AssertionResult bounded(const std::function<bool()>& body,
+                                   std::chrono::milliseconds timeout = std::chrono::seconds(5)) {
+  const pid_t child = ::fork();
+  if (child < 0) return ::testing::AssertionFailure() << "fork failed";
+  if (child == 0) {
+    const rlimit limit{1ULL << 30, 1ULL << 30};
+    ::setrlimit(RLIMIT_AS, &limit);
+    // Nothing may leave the child: an exception would return into gtest,
+    // which would then run the remaining tests a second time in here.
+    bool passed = false;
+    try {
+      passed = body();
+    } catch (...) {
+      ::_exit(3);
+    }
+    ::_exit(passed ? 0 : 2);
+  }
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  int status = 0;
+  while (::waitpid(child, &status, WNOHANG) == 0) {
+    if (std::chrono::steady_clock::now() >= deadline) {
+      ::kill(child, SIGKILL);
+      ::waitpid(child, &status, 0);
+      return ::testing::AssertionFailure() << "did not finish within " << timeout.count()
+                                           << " ms: a loop bounded only by guest data";
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  if (WIFSIGNALED(status))
+    return ::testing::AssertionFailure() << "died of signal " << WTERMSIG(status)
+                                         << " (SIGABRT: an allocation bounded only by guest data)";
+  if (WEXITSTATUS(status) == 3)
+    return ::testing::AssertionFailure() << "threw (std::bad_alloc: an allocation bounded only by guest data)";
+  if (WEXITSTATUS(status) != 0) return ::testing::AssertionFailure() << "its checks failed";
+  return ::testing::AssertionSuccess();
+}
+
+TEST(HostileGuest, SweepCountAtTheMaximumReadsAtMostTheRing) {
+  SharedRegion region;
+  TestGuestLink link(region.data(), SharedRegion::kSize);
+  link.configure(1, 1, 1000);
+  auto* s = region.shared();
+  s->sweep_ms = 20;
+  s->sweep_passes = UINT64_MAX;
+  EXPECT_TRUE(bounded([&] { return link.sweeps_since(0).size() <= VMM_GUEST_SWEEP_RING - 1; }));
+  EXPECT_TRUE(bounded([&] { return link.sweeps_since(UINT64_MAX - 2).size() == 2; }));
+  EXPECT_TRUE(bounded([&] { return link.status().sweep_passes == UINT64_MAX; }));
+  s->sweep_passes = uint64_t{1} << 63;
+  EXPECT_TRUE(bounded([&] { return link.sweeps_since(5).size() == VMM_GUEST_SWEEP_RING - 1; }));
+}
+
+TEST(HostileGuest, HeartbeatAtTheMaximumEndsTheGapScan) {
+  SharedRegion region;
+  TestGuestLink link(region.data(), SharedRegion::kSize);
+  auto* s = region.shared();
+  for (uint64_t i = 0; i < VMM_GUEST_HEARTBEAT_RING; ++i) s->heartbeat_ring_tsc[i] = i * 10;
+  s->heartbeat = UINT64_MAX;
+  // A heartbeat saved just before the counter's maximum: the scan must not
+  // step past 2^64-1 (where ++h wraps to 0 and the loop never ends).
+  EXPECT_TRUE(bounded([&] { return link.largest_gap_since(UINT64_MAX - 3).has_value(); }));
+  EXPECT_TRUE(bounded([&] { return !link.largest_gap_since(7).has_value(); }))
+      << "the ring cannot hold 2^64 heartbeats";
+}
+
+TEST(HostileGuest, HeartbeatThatWentBackwardsGivesNoGap) {
+  SharedRegion region;
+  TestGuestLink link(region.data(), SharedRegion::kSize);
+  auto* s = region.shared();
+  for (uint64_t h = 1; h <= 100; ++h) s->heartbeat_ring_tsc[h % VMM_GUEST_HEARTBEAT_RING] = h * 1000;
+  s->heartbeat = 40;
+  const auto gap = link.largest_gap_since(90);
+  ASSERT_FALSE(gap.has_value()) << "a counter below the heartbeat asked for is no gap of 0";
+  EXPECT_NE(gap.error().message.find("backwards"), std::string::npos) << gap.error().message;
+  EXPECT_FALSE(link.largest_gap_since(0).has_value()) << "heartbeat 0 has no ring entry";
+}
+
+TEST(HostileGuest, TscRateIsTheVmmsOwnNotTheRegions) {
+  SharedRegion region;
+  TestGuestLink link(region.data(), SharedRegion::kSize);
+  link.configure(2, 1, 2'000'000);
+  auto* s = region.shared();
+  s->tsc_khz = 0;  // the guest toggles it
+  s->nr_vcpus = 1000;
+  EXPECT_EQ(link.tsc_khz(), 2'000'000u);
+  EXPECT_EQ(link.vcpus(), 2u);
+  EXPECT_EQ(link.status().vcpus.size(), 2u) << "the VMM's vCPU count, not the guest's";
+  s->tsc_khz = 1000;
+  EXPECT_EQ(link.tsc_khz(), 2'000'000u);
+
+  // After a restore the VMM adopts what it knows itself, writing nothing.
+  SharedRegion restored;
+  TestGuestLink adopted(restored.data(), SharedRegion::kSize);
+  restored.shared()->tsc_khz = 0;
+  adopted.adopt(3, 2'500'000);
+  EXPECT_EQ(adopted.tsc_khz(), 2'500'000u);
+  EXPECT_EQ(adopted.vcpus(), 3u);
+  EXPECT_EQ(restored.shared()->magic, 0u) << "adopt writes nothing to the region";
+}
+
+TEST(HostileGuest, SweepDurationsThatCannotBeAreZeroNotWrapped) {
+  // 2^63 cycles at 1 MHz: * 1000 wraps in 64 bits.
+  EXPECT_EQ(sweep_pass_us({.number = 1, .start_tsc = 0, .end_tsc = uint64_t{1} << 63}, 1000), 0u);
+  EXPECT_EQ(sweep_pass_us({.number = 1, .start_tsc = 1, .end_tsc = UINT64_MAX}, 1), 0u);
+  // An hour is the longest plausible pass; anything below is reported.
+  EXPECT_EQ(sweep_pass_us({.number = 1, .start_tsc = 0, .end_tsc = 3'600'000'000}, 1000), 3'600'000'000u);
+  EXPECT_EQ(tsc_to_us(UINT64_MAX, 1), UINT64_MAX) << "saturates";
+  EXPECT_EQ(tsc_to_us(5000, 0), 0u);
+}
+
+TEST(HostileGuest, StatusSumsSaturateInsteadOfWrapping) {
+  SharedRegion region;
+  TestGuestLink link(region.data(), SharedRegion::kSize);
+  link.configure(2, 1, 1000);
+  auto* s = region.shared();
+  s->vcpu[0].pages_stamped = UINT64_MAX;
+  s->vcpu[1].pages_stamped = 2;
+  s->vcpu[0].pages_dirtied = UINT64_MAX - 1;
+  s->vcpu[1].pages_dirtied = UINT64_MAX - 1;
+  const auto status = link.status();
+  EXPECT_EQ(status.pages_stamped, UINT64_MAX);
+  EXPECT_EQ(status.pages_dirtied, UINT64_MAX);
+}
+
+// A guest that answers every verify request at once, with what `answer` writes.
+class AnsweringGuest {
+ public:
+  AnsweringGuest(vmm_guest_shared* s, uint32_t vcpus, std::function<void(volatile vmm_guest_vcpu&)> answer)
+      : thread_([this, s, vcpus, answer = std::move(answer)] {
+          while (!stop_) {
+            const uint64_t request = *static_cast<volatile uint64_t*>(&s->verify_request);
+            for (uint32_t i = 0; i < vcpus; ++i) {
+              auto& cpu = *static_cast<volatile vmm_guest_vcpu*>(&s->vcpu[i]);
+              answer(cpu);
+              std::atomic_signal_fence(std::memory_order_seq_cst);
+              cpu.verify_seq = request;
+            }
+            std::this_thread::sleep_for(std::chrono::microseconds(200));
+          }
+        }) {}
+  ~AnsweringGuest() {
+    stop_ = true;
+    thread_.join();
+  }
+
+ private:
+  std::atomic<bool> stop_{false};
+  std::thread thread_;
+};
+
+TEST(HostileGuest, VerifyRefusesAnswersThatCannotBeRight) {
+  SharedRegion region;
+  TestGuestLink link(region.data(), SharedRegion::kSize);
+  link.configure(2, 1, 1000);
+  auto* s = region.shared();
+  s->phase = VMM_GUEST_PHASE_RUNNING;
+  {
+    AnsweringGuest guest(s, 2, [](volatile vmm_guest_vcpu& cpu) {
+      cpu.verify_pages_checked = 10;
+      cpu.verify_mismatches = 11;
+    });
+    auto result = link.verify(std::chrono::seconds(5));
+    ASSERT_FALSE(result.has_value()) << "more mismatches than pages checked";
+    EXPECT_NE(result.error().message.find("inconsistent"), std::string::npos) << result.error().message;
+  }
+  {
+    AnsweringGuest guest(s, 2, [](volatile vmm_guest_vcpu& cpu) {
+      cpu.verify_pages_checked = UINT64_MAX;
+      cpu.verify_mismatches = 0;
+    });
+    auto result = link.verify(std::chrono::seconds(5));
+    ASSERT_FALSE(result.has_value()) << "page counts that add up past 2^64";
+    EXPECT_NE(result.error().message.find("inconsistent"), std::string::npos) << result.error().message;
+  }
+  EXPECT_FALSE(link.last_verify().has_value()) << "a refused answer is not remembered as the last verify";
+}
+
+TEST(HostileGuest, VerifyRequestCounterAtTheMaximumIsNotAnAnswer) {
+  SharedRegion region;
+  TestGuestLink link(region.data(), SharedRegion::kSize);
+  link.configure(1, 1, 1000);
+  auto* s = region.shared();
+  s->phase = VMM_GUEST_PHASE_RUNNING;
+  s->verify_request = UINT64_MAX;  // + 1 would wrap to 0, "answered" by every vCPU
+  auto result = link.verify(std::chrono::milliseconds(200));
+  ASSERT_FALSE(result.has_value());
+  EXPECT_NE(result.error().message.find("verify_request"), std::string::npos) << result.error().message;
+}
+
+TEST(HostileGuest, VerifyAsksTheVmmsVcpusAndIgnoresAnswersToOtherRequests) {
+  SharedRegion region;
+  TestGuestLink link(region.data(), SharedRegion::kSize);
+  link.configure(1, 1, 1000);
+  auto* s = region.shared();
+  s->phase = VMM_GUEST_PHASE_RUNNING;
+  s->nr_vcpus = 0;  // with the guest's count, nobody would need to answer
+  s->vcpu[0].verify_seq = UINT64_MAX;  // "answered" a request never made
+  auto result = link.verify(std::chrono::milliseconds(100));
+  ASSERT_FALSE(result.has_value()) << "no vCPU answered this request";
+  EXPECT_NE(result.error().message.find("0 of 1 vCPUs"), std::string::npos) << result.error().message;
 }
 
 }  // namespace
