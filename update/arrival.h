@@ -9,6 +9,7 @@
 #include <memory>
 #include <string>
 #include <variant>
+#include <vector>
 
 #include "base/result.h"
 #include "base/unique_fd.h"
@@ -68,6 +69,8 @@ struct LuoArrivalOptions {
 // The old vmm's binary runs again with everything as it was handed over
 // (the exec handover's rollback), with `failure` as the reason. Returns only
 // if that exec failed.
-[[nodiscard]] Error roll_back(int handover_fd, int rollback_fd, const std::string& failure);
+// `other_fds` (the control socket, the connection) cross too.
+[[nodiscard]] Error roll_back(int handover_fd, int rollback_fd, const std::vector<int>& other_fds,
+                              const std::string& failure);
 
 }  // namespace vmm

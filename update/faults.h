@@ -1,7 +1,7 @@
 // Failures a test injects into a live update ("x-inject" on live-update).
 //
-// Injection exists only in a build configured with -DVMM_FAULT_INJECTION=ON
-// (the test suite's `vmm-faults` binary). A normal vmm does not know the
+// Injection exists only in a build compiled with VMM_FAULT_INJECTION defined:
+// the test suite's `vmm-faults` binary (vmm_update_faults, built with the tests). A normal vmm does not know the
 // argument at all: `x-inject` is refused like any other unknown parameter,
 // so no client of a production socket can crash or stall an update.
 #pragma once

@@ -261,15 +261,15 @@ Result<HandoverVersions> HandoverVersions::from_json(const json& in) {
   return out;
 }
 
-Result<void> check_compatible(const HandoverVersions& ours, const HandoverVersions& theirs) {
+Result<void> check_compatible(const HandoverVersions& ours, const HandoverVersions& theirs, std::string_view mode) {
   std::vector<std::string> mismatches;
   if (ours.handover.major != theirs.handover.major)
     mismatches.push_back(fmt::format("handover record {} here, {} there", ours.handover.major, theirs.handover.major));
   if (ours.state.major != theirs.state.major)
     mismatches.push_back(fmt::format("saved state {} here, {} there", ours.state.major, theirs.state.major));
-  if (ours.luo_manifest != theirs.luo_manifest)
+  if (mode == "exec" && ours.luo_manifest != theirs.luo_manifest)
     mismatches.push_back(fmt::format("LUO manifest {} here, {} there", ours.luo_manifest, theirs.luo_manifest));
-  if (ours.transfer != theirs.transfer)
+  if (mode == "transfer" && ours.transfer != theirs.transfer)
     mismatches.push_back(fmt::format("transfer protocol {} here, {} there", ours.transfer, theirs.transfer));
   if (mismatches.empty()) return {};
   std::string list;

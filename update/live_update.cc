@@ -156,7 +156,7 @@ control::CommandResult LiveUpdate::run(const json& arguments, const control::Com
     std::string desc = fmt::format("live update ({}) failed during {}: {}", request.mode, phase, error.describe());
     handover->cancel(handover_context);
     std::string outcome;
-    if (cancelled_ || machine_.run_state() == RunState::shutdown) {
+    if (cancelled_ || machine_.run_state() == RunState::shutdown || !machine_.shutdown_reason().empty()) {
       outcome = "; the vmm is shutting down, so the guest was not resumed";
     } else if (paused_by_us) {
       if (auto resumed = lease->resume(); !resumed) {

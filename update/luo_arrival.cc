@@ -77,10 +77,12 @@ void apply_launch(const LaunchOptions& launch, MachineConfig& config) {
   config.kvm_path = launch.kvm_device;
 }
 
-Error roll_back(int handover_fd, int rollback_fd, const std::string& failure) {
+Error roll_back(int handover_fd, int rollback_fd, const std::vector<int>& other_fds, const std::string& failure) {
   // Everything crosses as it came: the handover record's descriptors and
   // the session's (untouched: from_manifest changes nothing when it fails).
   for (int fd : {handover_fd, rollback_fd})
+    if (fd >= 0) ::fcntl(fd, F_SETFD, 0);
+  for (int fd : other_fds)
     if (fd >= 0) ::fcntl(fd, F_SETFD, 0);
   std::string argv0 = "/proc/self/fd/" + std::to_string(rollback_fd);
   std::vector<std::string> args{argv0, "restore", "--handover-fd", std::to_string(handover_fd), "--previous-failure",
@@ -90,7 +92,7 @@ Error roll_back(int handover_fd, int rollback_fd, const std::string& failure) {
   argv.push_back(nullptr);
   spdlog::error("{}; rolling back to the previous vmm", failure);
   ::fexecve(rollback_fd, argv.data(), environ);
-  return Error{errno, "the rollback to the previous vmm failed too"};
+  return Error{errno, "cannot run the previous vmm binary"};
 }
 
 std::variant<Arrival, int> arrive_by_luo(const LuoArrivalOptions& options) {
@@ -115,7 +117,7 @@ std::variant<Arrival, int> arrive_by_luo(const LuoArrivalOptions& options) {
     if (!decoded) {
       const std::string desc = "live update failed: the new vmm cannot read the handover: " + decoded.error().describe();
       if (rollback_fd >= 0 && !is_rollback) {
-        Error failed = roll_back(options.handover_fd, rollback_fd, desc);
+        Error failed = roll_back(options.handover_fd, rollback_fd, {}, desc);
         spdlog::error("{}", failed.describe());
       } else {
         spdlog::error("{}", desc);
@@ -129,6 +131,8 @@ std::variant<Arrival, int> arrive_by_luo(const LuoArrivalOptions& options) {
     handover.launch = options.launch;
   }
   handover.previous_failure = options.previous_failure;
+  // A test's fault is for the attempt that failed, not for the rollback.
+  if (is_rollback) handover.fault = Fault::none;
   UpdateRecord& record = handover.record;
   record.mode = handover.mode;
   if (exec_mode && record.handover_started_ns > 0)
@@ -156,25 +160,33 @@ std::variant<Arrival, int> arrive_by_luo(const LuoArrivalOptions& options) {
     bool session_retrieved = false;
 
     int operator()(const Error& error) const {
-      const std::string desc = "live update failed during restore: " + error.describe();
+      std::string desc = "live update failed during restore: " + error.describe();
       if (exec_mode && !is_rollback && rollback_fd >= 0) {
+        // Only descriptors still open cross (a failed socket takeover closed its own).
+        std::vector<int> others;
+        for (int fd : {listening_fd, connection_fd})
+          if (fd >= 0 && ::fcntl(fd, F_GETFD) >= 0) others.push_back(fd);
+        Error failed;
         if (auto* exec_backend = dynamic_cast<luo::ExecBackend*>(side->backend.get())) {
           spdlog::error("{}; rolling back to the previous vmm", desc);
           const std::string path = "/proc/self/fd/" + std::to_string(rollback_fd);
           std::vector<std::string> argv{path, "restore", "--handover-fd", std::to_string(handover_fd),
                                         "--previous-failure", desc};
           std::vector<int> inherited{handover_fd, rollback_fd};
-          for (int fd : {listening_fd, connection_fd})
-            if (fd >= 0) inherited.push_back(fd);
+          inherited.insert(inherited.end(), others.begin(), others.end());
           auto passed = exec_backend->pass_on(luo::ExecRequest{path, argv, std::nullopt, inherited});
-          spdlog::error("the rollback failed too: {}", passed ? "exec returned" : passed.error().describe());
+          failed = passed ? Error{0, "exec returned"} : passed.error();
         } else {
-          Error failed = roll_back(handover_fd, rollback_fd, desc);
-          spdlog::error("{}", failed.describe());
+          failed = roll_back(handover_fd, rollback_fd, others, desc);
         }
-      } else {
-        spdlog::error("{}", desc);
+        // Only a failed rollback comes back here: the session's files live
+        // only in this process, so the VM goes with it.
+        desc += "; the rollback to the previous vmm failed too (" + failed.describe() + "): the VM is lost";
+      } else if (exec_mode) {
+        desc += is_rollback ? "; this was already the rollback: the VM is lost" : "; there is no previous vmm to "
+                                                                                  "roll back to: the VM is lost";
       }
+      spdlog::error("{}", desc);
       reply_failure(connection_fd, reply_id, desc);
       if (!session_retrieved || exec_mode) return 1;
       return hold_session(session_name);
@@ -230,6 +242,12 @@ std::variant<Arrival, int> arrive_by_luo(const LuoArrivalOptions& options) {
   arrival.resume_point = {retrieved->state.test_device.heartbeat_at_save, metadata.guest_tsc_at_save,
                           guest_tsc(retrieved->state), arrival.was_running};
   record.generation = metadata.generation;
+  if (!exec_mode) {
+    // CLOCK_MONOTONIC restarted with the new kernel: the blackout's start
+    // is placed on this kernel's clock by the wall-clock time since the save.
+    record.blackout_started_ns = monotonic_ns() - (realtime_ns() - static_cast<int64_t>(metadata.saved_at_realtime_ns));
+    record.handover_started_ns = 0;
+  }
 
   MachineConfig config;
   apply_launch(handover.launch, config);

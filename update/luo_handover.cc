@@ -79,7 +79,7 @@ class ExecHandover final : public Handover {
     // here, with the guest still running.
     if (context.request.faults.fault != Fault::skip_version_check) {
       VMM_TRY_ASSIGN(theirs, query_versions(context.request.binary, seconds(10)));
-      VMM_TRY(check_compatible(this_binary_versions(), theirs));
+      VMM_TRY(check_compatible(this_binary_versions(), theirs, "exec"));
     }
     backend_ = luo::ExecBackend::create();
     VMM_TRY(session_.fill(*backend_, context));

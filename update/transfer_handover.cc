@@ -29,7 +29,7 @@ class TransferHandover final : public Handover {
     const UpdateRequest& request = context.request;
     if (request.faults.fault != Fault::skip_version_check) {
       VMM_TRY_ASSIGN(theirs, query_versions(request.binary, seconds(10)));
-      VMM_TRY(check_compatible(this_binary_versions(), theirs));
+      VMM_TRY(check_compatible(this_binary_versions(), theirs, "transfer"));
     }
     const bool too_small = request.faults.fault == Fault::state_too_large;
     VMM_TRY(state_.create(too_small ? 4096 : state_memfd_size(machine.config().vcpus, machine.memory().regions().size())));

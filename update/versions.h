@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cstdint>
 #include <string>
+#include <string_view>
 
 #include <nlohmann/json.hpp>
 
@@ -34,9 +35,12 @@ struct HandoverVersions {
 // own so the test suite can link a build that claims other versions.
 [[nodiscard]] HandoverVersions this_binary_versions();
 
-// Whether a process speaking `ours` can hand a VM to one speaking `theirs`:
-// the same major of every format (a reader takes any minor of its major).
-[[nodiscard]] Result<void> check_compatible(const HandoverVersions& ours, const HandoverVersions& theirs);
+// Whether a process speaking `ours` can hand a VM to one speaking `theirs`
+// in `mode` (exec or transfer): the same major of every format the mode uses
+// (a reader takes any minor of its major): the handover record and the
+// saved state always, the LUO manifest for exec, the channel for transfer.
+[[nodiscard]] Result<void> check_compatible(const HandoverVersions& ours, const HandoverVersions& theirs,
+                                            std::string_view mode);
 
 // Runs `binary handover-info` (bounded by `timeout`, with no descriptor of
 // this process inherited) and parses its answer. A binary that is not a

@@ -120,7 +120,7 @@ int roll_back_unparsed(int argc, char** argv, const std::string& why) {
     bool is_rollback = false;
     for (int j = 1; j < argc; ++j) is_rollback |= std::strcmp(argv[j], "--previous-failure") == 0;
     if (!rollback || is_rollback) break;
-    Error failed = roll_back(fd, *rollback, "live update failed: the new vmm cannot parse its command line (" + why + ")");
+    Error failed = roll_back(fd, *rollback, {}, "live update failed: the new vmm cannot parse its command line (" + why + ")");
     spdlog::error("{}", failed.describe());
     return 1;
   }

@@ -113,10 +113,15 @@ int complete(Arrival arrival, FdRef signals) {
     std::shared_ptr<void>& held;
     ~ReleaseFirst() { held.reset(); }
   } release_first{arrival.keep_alive};
-  if (auto served = runtime.serve_socket(std::move(arrival.listening_socket)); !served)
-    return arrival.give_up(served.error().with_context("serving the control socket"));
-  // The point of no return for this side: from here on it owns the VM.
+  // The point of no return for this side: from here on it owns the VM. No
+  // client is served before it (a transfer's old process may still resume).
   if (auto committed = arrival.commit(); !committed) return arrival.give_up(committed.error());
+  if (auto served = runtime.serve_socket(std::move(arrival.listening_socket)); !served) {
+    // After a transfer's "go" the VM is this process's whatever happens: it
+    // runs on without a socket rather than be lost.
+    if (handover.mode != "transfer") return arrival.give_up(served.error().with_context("serving the control socket"));
+    spdlog::error("live update: the control socket could not be taken over: {}", served.error().describe());
+  }
   if (arrival.was_running) {
     if (auto resumed = runtime.machine->resume(); !resumed) {
       spdlog::error("live update: cannot resume the VM: {}", resumed.error().describe());
