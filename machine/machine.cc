@@ -1,6 +1,7 @@
 #include "machine/machine.h"
 
 #include <sys/eventfd.h>
+#include <cerrno>
 #include <sys/stat.h>
 
 #include <random>
@@ -233,6 +234,8 @@ Result<std::unique_ptr<Machine>> Machine::prebuild(MachineConfig config, Prebuil
 }
 
 Result<void> Machine::load_state(const migration::SavedState& state) {
+  std::lock_guard operation(operation_mutex_);
+  if (run_state() != RunState::paused) return fail("the VM must be paused to load a saved state", EBUSY);
   if (state.vcpus.size() != vcpus_.size())
     return fail(fmt::format("the saved state has {} vCPUs but the VM was built with {}", state.vcpus.size(),
                             vcpus_.size()), EINVAL);
@@ -314,8 +317,9 @@ Result<void> Machine::on_every_vcpu(const std::function<Result<void>(size_t, kvm
 }
 
 Result<migration::SavedState> Machine::save_state() {
-  std::lock_guard lock(state_mutex_);
-  if (state_ != RunState::paused) return fail("the VM must be paused to save its state");
+  // The operation lock keeps the vCPUs parked until the state is complete.
+  std::lock_guard operation(operation_mutex_);
+  if (run_state() != RunState::paused) return fail("the VM must be paused to save its state", EBUSY);
   migration::SavedState state;
   state.metadata.vm_name = config_.name;
   const auto started = steady_clock::now();
@@ -390,11 +394,15 @@ Result<void> Machine::create_vcpus(uint32_t entry) {
 }
 
 Result<void> Machine::start(bool running) {
-  std::lock_guard lock(state_mutex_);
-  if (state_ == RunState::shutdown) return fail("the VM has shut down");
-  if (threads_started_) return fail("the vCPU threads are already started");
-  threads_started_ = true;
+  std::lock_guard operation(operation_mutex_);
+  {
+    std::lock_guard lock(data_mutex_);
+    if (state_ == RunState::shutdown) return fail("the VM has shut down");
+    if (threads_started_) return fail("the vCPU threads are already started");
+    threads_started_ = true;
+  }
   for (auto& vcpu : vcpus_) VMM_TRY(vcpu->start(running));
+  std::lock_guard lock(data_mutex_);
   state_ = running ? RunState::running : RunState::paused;
   return {};
 }
@@ -403,10 +411,40 @@ void Machine::flush_console() {
   if (serial_) serial_->flush();
 }
 
+Error Machine::busy_updating(std::string_view what) {
+  return Error{EBUSY, fmt::format("{} is refused: a live update is in progress; retry when it ends", what)};
+}
+
+std::optional<Error> Machine::refuse_if_shutting_down_locked() const {
+  if (state_ == RunState::shutdown) return Error{ESHUTDOWN, "the VM has shut down"};
+  if (!shutdown_reason_.empty()) return Error{ESHUTDOWN, fmt::format("the VM is shutting down ({})", shutdown_reason_)};
+  return std::nullopt;
+}
+
 Result<microseconds> Machine::pause(milliseconds timeout) {
-  std::lock_guard lock(state_mutex_);
-  if (state_ == RunState::shutdown) return fail("the VM has shut down");
-  if (state_ == RunState::paused) return microseconds(0);
+  // Checked before and after taking the operation lock: a caller never
+  // waits behind an update's pause only to stop the VM it has frozen.
+  if (update_in_progress()) return std::unexpected(busy_updating("pausing the VM"));
+  std::lock_guard operation(operation_mutex_);
+  if (update_in_progress()) return std::unexpected(busy_updating("pausing the VM"));
+  return pause_vcpus(timeout);
+}
+
+Result<void> Machine::resume() {
+  if (update_in_progress()) return std::unexpected(busy_updating("resuming the VM"));
+  std::lock_guard operation(operation_mutex_);
+  if (update_in_progress()) return std::unexpected(busy_updating("resuming the VM"));
+  return resume_vcpus();
+}
+
+Result<microseconds> Machine::pause_vcpus(milliseconds timeout) {
+  {
+    std::lock_guard lock(data_mutex_);
+    if (auto refused = refuse_if_shutting_down_locked()) return std::unexpected(*refused);
+    if (state_ == RunState::paused) return microseconds(0);
+  }
+  // No data lock from here to the end of the wait: a vCPU that requests a
+  // shutdown or fails meanwhile takes it, and must not block on it.
   const auto begin = steady_clock::now();
   for (auto& vcpu : vcpus_) vcpu->request_pause();
   const auto deadline = begin + timeout;
@@ -419,39 +457,136 @@ Result<microseconds> Machine::pause(milliseconds timeout) {
     }
   }
   const auto took = duration_cast<microseconds>(steady_clock::now() - begin);
-  state_ = RunState::paused;
-  last_pause_latency_ = took;
+  std::string shutting_down;
+  {
+    std::lock_guard lock(data_mutex_);
+    state_ = RunState::paused;
+    last_pause_latency_ = took;
+    shutting_down = shutdown_reason_;
+  }
   spdlog::debug("paused {} vCPU(s) in {} us", vcpus_.size(), took.count());
   emit_event("STOP", nlohmann::json::object());
+  // A guest that wrote the exit port (or a vCPU that failed) while it was
+  // being paused: the VM is going away, so whatever wanted it paused (an
+  // update, a stop) must not go on with it. The vCPUs stay parked.
+  if (!shutting_down.empty())
+    return fail(fmt::format("the VM began shutting down while it was being paused ({})", shutting_down),
+                ECANCELED);
   return took;
 }
 
-Result<void> Machine::resume() {
-  std::lock_guard lock(state_mutex_);
-  if (state_ == RunState::shutdown) return fail("the VM has shut down");
-  if (state_ == RunState::running) return {};
+Result<void> Machine::resume_vcpus() {
+  {
+    std::lock_guard lock(data_mutex_);
+    if (auto refused = refuse_if_shutting_down_locked()) return std::unexpected(*refused);
+    if (state_ == RunState::running) return {};
+  }
   for (auto& vcpu : vcpus_) vcpu->resume();
-  state_ = RunState::running;
+  {
+    std::lock_guard lock(data_mutex_);
+    state_ = RunState::running;
+  }
   emit_event("RESUME", nlohmann::json::object());
   return {};
 }
 
+Result<UpdateLease> Machine::begin_update() {
+  // After any pause or resume in flight: the update then sees the run state
+  // that every earlier command left, and nothing changes it but the lease.
+  std::lock_guard operation(operation_mutex_);
+  std::lock_guard lock(data_mutex_);
+  if (update_leased_) return fail("a live update is already in progress", EBUSY);
+  if (auto refused = refuse_if_shutting_down_locked())
+    return fail(fmt::format("no live update can start: {}", refused->message), refused->code);
+  update_leased_ = true;
+  verify_stop_.request_stop();
+  verify_stop_ = std::stop_source();
+  return UpdateLease(*this);
+}
+
+void Machine::end_update() {
+  std::lock_guard lock(data_mutex_);
+  update_leased_ = false;
+}
+
+bool Machine::update_in_progress() const {
+  std::lock_guard lock(data_mutex_);
+  return update_leased_;
+}
+
+UpdateLease& UpdateLease::operator=(UpdateLease&& other) noexcept {
+  if (this != &other) {
+    end();
+    machine_ = std::exchange(other.machine_, nullptr);
+  }
+  return *this;
+}
+
+Result<microseconds> UpdateLease::pause(milliseconds timeout) {
+  if (!machine_) return fail("this update lease has ended", EINVAL);
+  std::lock_guard operation(machine_->operation_mutex_);
+  return machine_->pause_vcpus(timeout);
+}
+
+Result<void> UpdateLease::resume() {
+  if (!machine_) return fail("this update lease has ended", EINVAL);
+  std::lock_guard operation(machine_->operation_mutex_);
+  return machine_->resume_vcpus();
+}
+
+void UpdateLease::end() {
+  if (machine_) std::exchange(machine_, nullptr)->end_update();
+}
+
+Result<void> Machine::quit(const std::string& reason) {
+  {
+    std::lock_guard lock(data_mutex_);
+    // Under the same lock as begin_update(): either the update sees this
+    // shutdown and does not start, or this sees the update.
+    if (update_leased_) return std::unexpected(busy_updating("quit"));
+    if (!shutdown_reason_.empty()) return {};
+    shutdown_reason_ = reason;
+  }
+  announce_shutdown(reason, false);
+  return {};
+}
+
+Result<devices::VerifyResult> Machine::verify_guest(milliseconds timeout) {
+  std::stop_token stop;
+  {
+    std::lock_guard lock(data_mutex_);
+    if (update_leased_) return std::unexpected(busy_updating("guest-verify"));
+    if (state_ != RunState::running)
+      return fail(fmt::format("the VM is {}: the guest can only verify its memory while running (send 'cont' "
+                              "first)", to_string(state_)));
+    stop = verify_stop_.get_token();
+  }
+  auto result = guest_link_->verify(timeout, stop);
+  if (!result && result.error().code == ECANCELED)
+    return std::unexpected(busy_updating(fmt::format("guest-verify ({})", result.error().message)));
+  return result;
+}
+
 RunState Machine::run_state() const {
-  std::lock_guard lock(state_mutex_);
+  std::lock_guard lock(data_mutex_);
   return state_;
 }
 
 std::optional<microseconds> Machine::last_pause_latency() const {
-  std::lock_guard lock(state_mutex_);
+  std::lock_guard lock(data_mutex_);
   return last_pause_latency_;
 }
 
 void Machine::request_shutdown(const std::string& reason, bool by_guest) {
   {
-    std::lock_guard lock(state_mutex_);
+    std::lock_guard lock(data_mutex_);
     if (!shutdown_reason_.empty()) return;
     shutdown_reason_ = reason;
   }
+  announce_shutdown(reason, by_guest);
+}
+
+void Machine::announce_shutdown(const std::string& reason, bool by_guest) {
   spdlog::info("shutting down: {}", reason);
   emit_event("SHUTDOWN", {{"guest", by_guest}, {"reason", reason}});
   const uint64_t one = 1;
@@ -459,12 +594,12 @@ void Machine::request_shutdown(const std::string& reason, bool by_guest) {
 }
 
 std::string Machine::shutdown_reason() const {
-  std::lock_guard lock(state_mutex_);
+  std::lock_guard lock(data_mutex_);
   return shutdown_reason_;
 }
 
 bool Machine::shutdown_failed() const {
-  std::lock_guard lock(state_mutex_);
+  std::lock_guard lock(data_mutex_);
   return shutdown_failed_;
 }
 
@@ -490,9 +625,11 @@ void Machine::prefault_in_background() {
 void Machine::stop() {
   prefault_stop_ = true;
   if (prefault_thread_.joinable()) prefault_thread_.join();
+  // After a pause, save or load in flight, never in the middle of one.
+  std::lock_guard operation(operation_mutex_);
   for (auto& vcpu : vcpus_) vcpu->exit();
   if (serial_) serial_->flush();
-  std::lock_guard lock(state_mutex_);
+  std::lock_guard lock(data_mutex_);
   state_ = RunState::shutdown;
 }
 
@@ -569,7 +706,7 @@ void Machine::guest_system_event(uint32_t vcpu, uint32_t type) {
 void Machine::vcpu_failed(uint32_t vcpu, const std::string& why) {
   spdlog::error("vCPU {} stopped: {}", vcpu, why);
   {
-    std::lock_guard lock(state_mutex_);
+    std::lock_guard lock(data_mutex_);
     shutdown_failed_ = true;
   }
   request_shutdown(fmt::format("vCPU {} failed: {}", vcpu, why), false);

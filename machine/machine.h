@@ -12,8 +12,10 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <stop_token>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -91,6 +93,39 @@ struct VcpuInfo {
 // Receives events for the control socket: QMP name and data.
 using EventSink = std::function<void(const std::string& name, const nlohmann::json& data)>;
 
+class Machine;
+
+// The update state of a Machine, held by the one live update in progress.
+// While it lives, Machine::pause()/resume() and the commands that would run,
+// stop, verify or quit the guest are refused with EBUSY; only the lease's own
+// pause()/resume() move the vCPUs. Move-only; at most one exists per Machine
+// (Machine::begin_update). The destructor or end() leaves the update state.
+class UpdateLease {
+ public:
+  UpdateLease(UpdateLease&& other) noexcept : machine_(std::exchange(other.machine_, nullptr)) {}
+  UpdateLease& operator=(UpdateLease&& other) noexcept;
+  UpdateLease(const UpdateLease&) = delete;
+  UpdateLease& operator=(const UpdateLease&) = delete;
+  ~UpdateLease() { end(); }
+
+  // Machine::pause()/resume() for the update itself.
+  [[nodiscard]] Result<std::chrono::microseconds> pause(
+      std::chrono::milliseconds timeout = std::chrono::milliseconds(2000));
+  [[nodiscard]] Result<void> resume();
+  // Leaves the update state; the lease is empty afterwards. Idempotent.
+  void end();
+  // The VM now runs elsewhere (a committed transfer): the lease is released
+  // but the machine stays in the update state, refusing every command that
+  // would move the frozen copy, until it stops.
+  void hand_over() { machine_ = nullptr; }
+  [[nodiscard]] bool active() const { return machine_ != nullptr; }
+
+ private:
+  friend class Machine;
+  explicit UpdateLease(Machine& machine) : machine_(&machine) {}
+  Machine* machine_ = nullptr;
+};
+
 class Machine final : public VcpuExitHandler {
  public:
   // Validates the configuration and builds the whole VM, vCPUs parked. On
@@ -106,11 +141,11 @@ class Machine final : public VcpuExitHandler {
   // writes guest memory. `config` names the VM and its vCPU count.
   [[nodiscard]] static Result<std::unique_ptr<Machine>> prebuild(MachineConfig config, PrebuildInputs inputs);
   // Loads saved state into a VM from prebuild() whose layout and vCPU count
-  // match it; the vCPUs stay parked (resume() runs them).
+  // match it; only while paused, and the vCPUs stay parked (resume() runs them).
   [[nodiscard]] Result<void> load_state(const migration::SavedState& state);
 
   // The VM's whole state (VM, vCPUs, devices, memory layout); only while
-  // paused. Region tokens are left for the caller to fill in.
+  // paused (needs no lease). Region tokens are left for the caller to fill in.
   [[nodiscard]] Result<migration::SavedState> save_state();
   [[nodiscard]] FdRef vm_fd() const { return vm_.fd(); }
   ~Machine() override;
@@ -119,13 +154,31 @@ class Machine final : public VcpuExitHandler {
   // parked. (restore() and prebuild() start them parked themselves.)
   [[nodiscard]] Result<void> start(bool running = true);
   // Parks every vCPU; returns how long that took. Bounded by `timeout`.
+  // Refused (EBUSY) while a live update holds the machine, and fails
+  // (ECANCELED, vCPUs left parked) if a shutdown was requested meanwhile.
   [[nodiscard]] Result<std::chrono::microseconds> pause(
       std::chrono::milliseconds timeout = std::chrono::milliseconds(2000));
+  // Runs every vCPU again. Refused (EBUSY) while a live update holds the
+  // machine, and once a shutdown was requested.
   [[nodiscard]] Result<void> resume();
   [[nodiscard]] RunState run_state() const;
 
+  // Enters the update state atomically, after any pause or resume in flight:
+  // fails with EBUSY if a live update already holds the machine, or if the
+  // machine is shutting down. A guest-verify in flight gives up with EBUSY.
+  [[nodiscard]] Result<UpdateLease> begin_update();
+  [[nodiscard]] bool update_in_progress() const;
+
   // Asks the main loop to shut the VM down (from any thread); idempotent.
+  // For the guest, signals and the VMM itself: never refused.
   void request_shutdown(const std::string& reason, bool by_guest);
+  // The control socket's quit: refused with EBUSY during a live update (the
+  // update would carry a VM that is going away), else request_shutdown().
+  [[nodiscard]] Result<void> quit(const std::string& reason);
+  // Asks the guest to verify its memory (guest-verify): only while running,
+  // refused with EBUSY during a live update and given up (EBUSY) if one
+  // starts meanwhile.
+  [[nodiscard]] Result<devices::VerifyResult> verify_guest(std::chrono::milliseconds timeout);
   // Readable once a shutdown was requested (for poll()).
   [[nodiscard]] FdRef shutdown_fd() const { return shutdown_event_.ref(); }
   [[nodiscard]] std::string shutdown_reason() const;
@@ -152,6 +205,9 @@ class Machine final : public VcpuExitHandler {
   void set_event_sink(EventSink sink);
   void emit_event(const std::string& name, const nlohmann::json& data);
 
+  // The error of everything refused while a live update holds the machine.
+  [[nodiscard]] static Error busy_updating(std::string_view what);
+
   // VcpuExitHandler
   void io_in(uint16_t port, std::span<uint8_t> data) override;
   Next io_out(uint16_t port, std::span<const uint8_t> data) override;
@@ -161,6 +217,16 @@ class Machine final : public VcpuExitHandler {
   void vcpu_failed(uint32_t vcpu, const std::string& why) override;
 
  private:
+  friend class UpdateLease;
+  // pause()/resume() with the operation lock held and the lease checked.
+  [[nodiscard]] Result<std::chrono::microseconds> pause_vcpus(std::chrono::milliseconds timeout);
+  [[nodiscard]] Result<void> resume_vcpus();
+  void end_update();
+  // The SHUTDOWN event, the log line and the eventfd; no lock held.
+  void announce_shutdown(const std::string& reason, bool by_guest);
+  // "the VM has shut down" / "the VM is shutting down (...)"; data lock held.
+  [[nodiscard]] std::optional<Error> refuse_if_shutting_down_locked() const;
+
   Machine(MachineConfig config, kvm::System system, kvm::Capabilities caps, kvm::Vm vm,
           memory::GuestMemory memory, UniqueFd shutdown_event);
   // The steps shared by create() and restore().
@@ -199,14 +265,25 @@ class Machine final : public VcpuExitHandler {
   std::unique_ptr<devices::TestGuestLink> guest_link_;
   std::vector<std::unique_ptr<VcpuThread>> vcpus_;
 
-  mutable std::mutex state_mutex_;  // guards the run state and serializes pause/resume
+  // Locking (docs/architecture.md, "Locks"): operation_mutex_ serializes
+  // what changes the vCPUs (start, pause, resume, save, load, stop, entering
+  // an update) and may be held while waiting for them; data_mutex_ guards
+  // the fields below and is held only for short reads and writes, never
+  // across a wait or an event. Order: operation, then data, then event.
+  std::mutex operation_mutex_;
+  mutable std::mutex data_mutex_;
   RunState state_ = RunState::paused;
   bool threads_started_ = false;
+  bool update_leased_ = false;
   std::string shutdown_reason_;
   bool shutdown_failed_ = false;
   std::optional<std::chrono::microseconds> last_pause_latency_;
+  std::stop_source verify_stop_;  // stopped when an update begins: a guest-verify in flight gives up
 
-  std::mutex event_mutex_;
+  // Held only around the sink call, which never blocks; recursive, so that a
+  // sink may emit (e.g. request a shutdown) from within an event. Once
+  // set_event_sink() returns, the old sink is never called again.
+  std::recursive_mutex event_mutex_;
   EventSink event_sink_;
   std::atomic<uint64_t> unclaimed_accesses_{0};
   std::vector<uint32_t> msrs_to_save_;

@@ -219,6 +219,7 @@ struct LiveUpdate::Attempt {
   LiveUpdate& update;
   Request request;
   UpdateRecord record;
+  UpdateLease lease;  // the machine's update state, for the whole attempt
   std::string phase = "prepare";
   bool was_running = false;
   bool paused_by_us = false;
@@ -232,7 +233,7 @@ struct LiveUpdate::Attempt {
         fmt::format("live update ({}) failed during {}: {}", request.mode, phase, error.describe());
     if (cancel) cancel();
     if (paused_by_us) {
-      if (auto resumed = update.machine_.resume(); !resumed)
+      if (auto resumed = lease.resume(); !resumed)
         spdlog::error("cannot resume the guest after a failed update: {}", resumed.error().describe());
     }
     spdlog::error("{}; the update was cancelled{}", desc, was_running ? " and the guest resumed" : "");
@@ -259,7 +260,7 @@ struct LiveUpdate::Attempt {
   Result<size_t> freeze_into(std::span<uint8_t> out) {
     record.blackout_started_ns = monotonic_ns();
     if (was_running) {
-      VMM_TRY(update.machine_.pause());
+      VMM_TRY(lease.pause());
       paused_by_us = true;
     }
     VMM_TRY_ASSIGN(state, update.machine_.save_state());
@@ -289,13 +290,10 @@ struct LiveUpdate::Attempt {
 control::CommandResult LiveUpdate::run(const json& arguments, const control::CommandContext& context) {
   auto request = parse(arguments);
   if (!request) return command_error(request.error().message);
-  if (in_progress_.exchange(true)) return command_error("a live update is already in progress");
-  struct ClearInProgress {
-    std::atomic<bool>& flag;
-    ~ClearInProgress() { flag = false; }
-  } clear{in_progress_};
+  auto lease = machine_.begin_update();
+  if (!lease) return command_error(lease.error().describe());
 
-  Attempt attempt{*this, std::move(*request), {}};
+  Attempt attempt{*this, std::move(*request), {}, std::move(*lease)};
   {
     std::lock_guard lock(record_mutex_);
     attempt.record.generation = record_.generation;

@@ -111,7 +111,7 @@ class LiveUpdate {
 
   // The server whose listening socket crosses the exec.
   void set_control_server(control::Server* server) { server_ = server; }
-  [[nodiscard]] bool in_progress() const { return in_progress_.load(); }
+  [[nodiscard]] bool in_progress() const { return machine_.update_in_progress(); }
   [[nodiscard]] nlohmann::json query() const;
 
   // live-update: runs prepare, freeze and handover on the caller's thread.
@@ -161,7 +161,6 @@ class LiveUpdate {
   Machine& machine_;
   RelaunchOptions relaunch_;
   control::Server* server_ = nullptr;
-  std::atomic<bool> in_progress_{false};
   std::atomic<bool> handed_over_{false};
   mutable std::mutex record_mutex_;
   UpdateRecord record_;
