@@ -1,6 +1,7 @@
-// A running virtual machine: KVM VM, guest memory, vCPU threads and devices.
-// Built from a MachineConfig; paused, resumed and stopped by the control
-// socket, signals, or the guest.
+// A running virtual machine: the facade over its VM core (KVM VM, guest
+// memory), its vCPU set and its devices, which MachineBuilder builds.
+// Paused, resumed and stopped by the control socket, signals, the guest, or
+// a live update (UpdateLease).
 #pragma once
 
 #include <sys/types.h>
@@ -25,10 +26,11 @@
 #include "kvm/vm.h"
 #include "memory/guest_memory.h"
 #include "migration/saved_state.h"
-#include "machine/devices/bus.h"
-#include "machine/devices/serial.h"
+#include "machine/device_set.h"
 #include "machine/devices/test_guest.h"
+#include "machine/vcpu_set.h"
 #include "machine/vcpu_thread.h"
+#include "machine/vm_core.h"
 
 namespace vmm {
 
@@ -81,13 +83,6 @@ struct RegionInfo {
   memory::Backing backing{};
   memory::SlotKind slot_kind{};
   uint64_t inode = 0, device = 0;
-};
-
-struct VcpuInfo {
-  uint32_t id = 0;
-  pid_t thread_id = 0;
-  VcpuThread::State state{};
-  VcpuExitCounts exits;
 };
 
 // Receives events for the control socket: QMP name and data.
@@ -147,7 +142,7 @@ class Machine final : public VcpuExitHandler {
   // The VM's whole state (VM, vCPUs, devices, memory layout); only while
   // paused (needs no lease). Region tokens are left for the caller to fill in.
   [[nodiscard]] Result<migration::SavedState> save_state();
-  [[nodiscard]] FdRef vm_fd() const { return vm_.fd(); }
+  [[nodiscard]] FdRef vm_fd() const { return core_.vm.fd(); }
   ~Machine() override;
 
   // Starts the vCPU threads of a VM from create(), running the guest or
@@ -197,9 +192,9 @@ class Machine final : public VcpuExitHandler {
 
   [[nodiscard]] std::vector<RegionInfo> memory_info() const;
   [[nodiscard]] std::vector<VcpuInfo> vcpu_info() const;
-  [[nodiscard]] devices::TestGuestLink& guest() { return *guest_link_; }
+  [[nodiscard]] devices::TestGuestLink& guest() { return devices_->guest(); }
   [[nodiscard]] const MachineConfig& config() const { return config_; }
-  [[nodiscard]] const memory::GuestMemory& memory() const { return memory_; }
+  [[nodiscard]] const memory::GuestMemory& memory() const { return core_.memory; }
   [[nodiscard]] std::optional<std::chrono::microseconds> last_pause_latency() const;
 
   void set_event_sink(EventSink sink);
@@ -227,43 +222,14 @@ class Machine final : public VcpuExitHandler {
   // "the VM has shut down" / "the VM is shutting down (...)"; data lock held.
   [[nodiscard]] std::optional<Error> refuse_if_shutting_down_locked() const;
 
-  Machine(MachineConfig config, kvm::System system, kvm::Capabilities caps, kvm::Vm vm,
-          memory::GuestMemory memory, UniqueFd shutdown_event);
-  // The steps shared by create() and restore().
-  struct Host {
-    kvm::System system;
-    kvm::Capabilities caps;
-  };
-  [[nodiscard]] static Result<Host> open_host(const MachineConfig& config);
-  [[nodiscard]] static Result<void> describe_memory(MachineConfig& config, const memory::MemoryLayout& layout,
-                                                    size_t files, memory::SlotKind guest_memfd_slot_kind);
-  [[nodiscard]] static Result<devices::ConsoleSink> open_console(const MachineConfig& config);
-  [[nodiscard]] static Result<void> prepare_vm(kvm::Vm& vm);
-  [[nodiscard]] Result<void> build_devices(devices::ConsoleSink console);
-  [[nodiscard]] Result<void> create_vcpus(uint32_t entry);
-  [[nodiscard]] Result<void> create_empty_vcpus(const std::vector<std::vector<kvm_cpuid_entry2>>& cpuid);
-  // Runs task(i, vcpu) on every parked vCPU's own thread, all at once (the
-  // save and load of a live update's blackout); the first error wins.
-  [[nodiscard]] Result<void> on_every_vcpu(const std::function<Result<void>(size_t, kvm::Vcpu&)>& task);
-  [[nodiscard]] Result<void> restore_vcpus(const std::vector<kvm::VcpuState>& states);
-  // The part of create/restore/prebuild after the VM and its memory exist.
-  [[nodiscard]] static Result<std::unique_ptr<Machine>> assemble(
-      MachineConfig config, Host host, kvm::Vm vm, memory::GuestMemory memory,
-      const std::vector<std::vector<kvm_cpuid_entry2>>& cpuid = {});
+  friend class MachineBuilder;
+  Machine(MachineConfig config, VmCore core, UniqueFd shutdown_event);
 
   MachineConfig config_;
-  kvm::System system_;
-  kvm::Capabilities caps_;
-  kvm::Vm vm_;
-  memory::GuestMemory memory_;
+  VmCore core_;
   UniqueFd shutdown_event_;
-
-  devices::Bus pio_bus_{"port I/O"};
-  devices::Bus mmio_bus_{"MMIO"};
-  std::unique_ptr<devices::Serial> serial_;
-  std::unique_ptr<devices::ExitPort> exit_port_;
-  std::unique_ptr<devices::TestGuestLink> guest_link_;
-  std::vector<std::unique_ptr<VcpuThread>> vcpus_;
+  std::unique_ptr<DeviceSet> devices_;
+  VcpuSet vcpus_;  // after the devices: its threads go first
 
   // Locking (docs/architecture.md, "Locks"): operation_mutex_ serializes
   // what changes the vCPUs (start, pause, resume, save, load, stop, entering
@@ -285,8 +251,6 @@ class Machine final : public VcpuExitHandler {
   // set_event_sink() returns, the old sink is never called again.
   std::recursive_mutex event_mutex_;
   EventSink event_sink_;
-  std::atomic<uint64_t> unclaimed_accesses_{0};
-  std::vector<uint32_t> msrs_to_save_;
   std::thread prefault_thread_;
   std::atomic<bool> prefault_stop_{false};
 };

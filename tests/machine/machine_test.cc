@@ -9,6 +9,8 @@
 #include <future>
 #include <thread>
 
+#include <fcntl.h>
+
 #include "machine/machine.h"
 
 namespace vmm {
@@ -178,6 +180,93 @@ TEST_F(MachineTest, ShutdownRequestedDuringAPauseEndsItPromptly) {
   }
   EXPECT_EQ(machine_->shutdown_reason(), "requested during the pause");
   EXPECT_FALSE(machine_->pause().has_value()) << "a VM that is shutting down is not paused again";
+}
+
+
+// MachineBuilder: the prebuild path (files received from a transfer) builds
+// the same machine as create() did, around the same pages, and takes the
+// state over; bad inputs are refused before anything is built.
+class BuilderTest : public MachineTest {
+ protected:
+  PrebuildInputs inputs_from_running() {
+    PrebuildInputs inputs;
+    for (const auto& region : machine_->memory().regions()) {
+      inputs.layout.regions.push_back(region->spec());
+      inputs.region_files.emplace_back(::fcntl(region->fd().get(), F_DUPFD_CLOEXEC, 0));
+    }
+    inputs.prefault = false;
+    inputs.cpuid = machine_->vcpu_cpuid();
+    return inputs;
+  }
+  MachineConfig target_config() {
+    MachineConfig config;
+    config.name = "machine-test-target";
+    config.vcpus = 2;
+    config.console = ConsoleKind::none;
+    return config;
+  }
+};
+
+TEST_F(BuilderTest, PrebuiltMachineTakesTheStateOverOnTheSamePages) {
+  auto built = Machine::prebuild(target_config(), inputs_from_running());
+  ASSERT_TRUE(built.has_value()) << built.error().describe();
+  Machine& target = **built;
+  EXPECT_EQ(target.run_state(), RunState::paused) << "prebuilt vCPUs are parked";
+  EXPECT_EQ(target.config().ram_size, machine_->config().ram_size) << "the configuration follows from the layout";
+  EXPECT_EQ(target.config().shared_size, machine_->config().shared_size);
+  const auto before = machine_->memory_info();
+  const auto after = target.memory_info();
+  ASSERT_EQ(before.size(), after.size());
+  for (size_t i = 0; i < before.size(); ++i) {
+    EXPECT_EQ(before[i].inode, after[i].inode) << before[i].name << ": the same file";
+    EXPECT_EQ(before[i].gpa, after[i].gpa);
+  }
+
+  auto lease = machine_->begin_update();
+  ASSERT_TRUE(lease.has_value());
+  ASSERT_TRUE(lease->pause().has_value());
+  auto state = machine_->save_state();
+  ASSERT_TRUE(state.has_value()) << state.error().describe();
+  const uint64_t heartbeat = machine_->guest().status().heartbeat;
+  machine_->stop();
+  lease->hand_over();
+
+  ASSERT_TRUE(target.load_state(*state).has_value());
+  ASSERT_TRUE(target.resume().has_value());
+  const auto deadline = std::chrono::steady_clock::now() + 20s;
+  while (target.guest().status().heartbeat <= heartbeat + 3 && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(5ms);
+  EXPECT_GT(target.guest().status().heartbeat, heartbeat + 3) << "the guest runs on in the prebuilt machine";
+  EXPECT_TRUE(machine_->update_in_progress()) << "a handed-over machine keeps refusing";
+}
+
+TEST_F(BuilderTest, BadInputsAreRefusedBeforeAnythingIsBuilt) {
+  auto missing = inputs_from_running();
+  missing.region_files.pop_back();
+  auto built = Machine::prebuild(target_config(), std::move(missing));
+  ASSERT_FALSE(built.has_value());
+  EXPECT_NE(built.error().message.find("memory files for"), std::string::npos) << built.error().message;
+
+  auto wrong_cpuid = inputs_from_running();
+  wrong_cpuid.cpuid.pop_back();
+  built = Machine::prebuild(target_config(), std::move(wrong_cpuid));
+  ASSERT_FALSE(built.has_value());
+  EXPECT_EQ(built.error().code, EINVAL) << built.error().describe();
+
+  auto config = target_config();
+  config.vcpus = kMaxVcpus + 1;
+  built = Machine::prebuild(config, inputs_from_running());
+  ASSERT_FALSE(built.has_value());
+  EXPECT_NE(built.error().message.find("out of range"), std::string::npos) << built.error().message;
+
+  MachineConfig fresh = target_config();
+  fresh.shared_size = 0;
+  built = Machine::create(fresh);
+  ASSERT_FALSE(built.has_value());
+
+  // Nothing was left half-built: the running machine is untouched.
+  EXPECT_EQ(machine_->run_state(), RunState::running);
+  EXPECT_FALSE(machine_->update_in_progress());
 }
 
 }  // namespace
