@@ -1,6 +1,7 @@
-// A running virtual machine: KVM VM, guest memory, vCPU threads and devices.
-// Built from a MachineConfig; paused, resumed and stopped by the control
-// socket, signals, or the guest.
+// A running virtual machine: the facade over its VM core (KVM VM, guest
+// memory), its vCPU set and its devices, which MachineBuilder builds.
+// Paused, resumed and stopped by the control socket, signals, the guest, or
+// a live update (UpdateLease).
 #pragma once
 
 #include <sys/types.h>
@@ -12,6 +13,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <stop_token>
 #include <string>
 #include <thread>
 #include <utility>
@@ -24,10 +26,11 @@
 #include "kvm/vm.h"
 #include "memory/guest_memory.h"
 #include "migration/saved_state.h"
-#include "machine/devices/bus.h"
-#include "machine/devices/serial.h"
+#include "machine/device_set.h"
 #include "machine/devices/test_guest.h"
+#include "machine/vcpu_set.h"
 #include "machine/vcpu_thread.h"
+#include "machine/vm_core.h"
 
 namespace vmm {
 
@@ -82,42 +85,44 @@ struct RegionInfo {
   uint64_t inode = 0, device = 0;
 };
 
-struct VcpuInfo {
-  uint32_t id = 0;
-  pid_t thread_id = 0;
-  VcpuThread::State state{};
-  VcpuExitCounts exits;
-};
-
 // Receives events for the control socket: QMP name and data.
 using EventSink = std::function<void(const std::string& name, const nlohmann::json& data)>;
 
 class Machine;
 
-// The update state of a Machine (a live update holds it from its first step
-// to its last). Move-only; at most one exists per Machine.
+// The update state of a Machine, held by the one live update in progress.
+// While it lives, Machine::pause()/resume() and the commands that would run,
+// stop, verify or quit the guest are refused with EBUSY; only the lease's own
+// pause()/resume() move the vCPUs. Move-only; at most one exists per Machine
+// (Machine::begin_update). The destructor or end() leaves the update state.
 class UpdateLease {
  public:
   UpdateLease(UpdateLease&& other) noexcept : machine_(std::exchange(other.machine_, nullptr)) {}
-  UpdateLease& operator=(UpdateLease&&) = delete;
-  ~UpdateLease();
-  [[nodiscard]] Result<std::chrono::microseconds> pause(std::chrono::milliseconds timeout);
+  UpdateLease& operator=(UpdateLease&& other) noexcept;
+  UpdateLease(const UpdateLease&) = delete;
+  UpdateLease& operator=(const UpdateLease&) = delete;
+  ~UpdateLease() { end(); }
+
+  // Machine::pause()/resume() for the update itself.
+  [[nodiscard]] Result<std::chrono::microseconds> pause(
+      std::chrono::milliseconds timeout = std::chrono::milliseconds(2000));
   [[nodiscard]] Result<void> resume();
-  // The VM now runs elsewhere: the machine stays in the update state until it stops.
-  void hand_over();
+  // Leaves the update state; the lease is empty afterwards. Idempotent.
+  void end();
+  // The VM now runs elsewhere (a committed transfer): the lease is released
+  // but the machine stays in the update state, refusing every command that
+  // would move the frozen copy, until it stops.
+  void hand_over() { machine_ = nullptr; }
+  [[nodiscard]] bool active() const { return machine_ != nullptr; }
 
  private:
   friend class Machine;
-  explicit UpdateLease(Machine* machine) : machine_(machine) {}
+  explicit UpdateLease(Machine& machine) : machine_(&machine) {}
   Machine* machine_ = nullptr;
 };
 
 class Machine final : public VcpuExitHandler {
  public:
-  // Enters the update state: EBUSY while another update holds it.
-  [[nodiscard]] Result<UpdateLease> begin_update();
-  [[nodiscard]] bool update_in_progress() const { return updating_.load(); }
-
   // Validates the configuration and builds the whole VM, vCPUs parked. On
   // failure nothing is left behind.
   [[nodiscard]] static Result<std::unique_ptr<Machine>> create(const MachineConfig& config);
@@ -131,26 +136,44 @@ class Machine final : public VcpuExitHandler {
   // writes guest memory. `config` names the VM and its vCPU count.
   [[nodiscard]] static Result<std::unique_ptr<Machine>> prebuild(MachineConfig config, PrebuildInputs inputs);
   // Loads saved state into a VM from prebuild() whose layout and vCPU count
-  // match it; the vCPUs stay parked (resume() runs them).
+  // match it; only while paused, and the vCPUs stay parked (resume() runs them).
   [[nodiscard]] Result<void> load_state(const migration::SavedState& state);
 
   // The VM's whole state (VM, vCPUs, devices, memory layout); only while
-  // paused. Region tokens are left for the caller to fill in.
+  // paused (needs no lease). Region tokens are left for the caller to fill in.
   [[nodiscard]] Result<migration::SavedState> save_state();
-  [[nodiscard]] FdRef vm_fd() const { return vm_.fd(); }
+  [[nodiscard]] FdRef vm_fd() const { return core_.vm.fd(); }
   ~Machine() override;
 
   // Starts the vCPU threads of a VM from create(), running the guest or
   // parked. (restore() and prebuild() start them parked themselves.)
   [[nodiscard]] Result<void> start(bool running = true);
   // Parks every vCPU; returns how long that took. Bounded by `timeout`.
+  // Refused (EBUSY) while a live update holds the machine, and fails
+  // (ECANCELED, vCPUs left parked) if a shutdown was requested meanwhile.
   [[nodiscard]] Result<std::chrono::microseconds> pause(
       std::chrono::milliseconds timeout = std::chrono::milliseconds(2000));
+  // Runs every vCPU again. Refused (EBUSY) while a live update holds the
+  // machine, and once a shutdown was requested.
   [[nodiscard]] Result<void> resume();
   [[nodiscard]] RunState run_state() const;
 
+  // Enters the update state atomically, after any pause or resume in flight:
+  // fails with EBUSY if a live update already holds the machine, or if the
+  // machine is shutting down. A guest-verify in flight gives up with EBUSY.
+  [[nodiscard]] Result<UpdateLease> begin_update();
+  [[nodiscard]] bool update_in_progress() const;
+
   // Asks the main loop to shut the VM down (from any thread); idempotent.
+  // For the guest, signals and the VMM itself: never refused.
   void request_shutdown(const std::string& reason, bool by_guest);
+  // The control socket's quit: refused with EBUSY during a live update (the
+  // update would carry a VM that is going away), else request_shutdown().
+  [[nodiscard]] Result<void> quit(const std::string& reason);
+  // Asks the guest to verify its memory (guest-verify): only while running,
+  // refused with EBUSY during a live update and given up (EBUSY) if one
+  // starts meanwhile.
+  [[nodiscard]] Result<devices::VerifyResult> verify_guest(std::chrono::milliseconds timeout);
   // Readable once a shutdown was requested (for poll()).
   [[nodiscard]] FdRef shutdown_fd() const { return shutdown_event_.ref(); }
   [[nodiscard]] std::string shutdown_reason() const;
@@ -169,13 +192,16 @@ class Machine final : public VcpuExitHandler {
 
   [[nodiscard]] std::vector<RegionInfo> memory_info() const;
   [[nodiscard]] std::vector<VcpuInfo> vcpu_info() const;
-  [[nodiscard]] devices::TestGuestLink& guest() { return *guest_link_; }
+  [[nodiscard]] devices::TestGuestLink& guest() { return devices_->guest(); }
   [[nodiscard]] const MachineConfig& config() const { return config_; }
-  [[nodiscard]] const memory::GuestMemory& memory() const { return memory_; }
+  [[nodiscard]] const memory::GuestMemory& memory() const { return core_.memory; }
   [[nodiscard]] std::optional<std::chrono::microseconds> last_pause_latency() const;
 
   void set_event_sink(EventSink sink);
   void emit_event(const std::string& name, const nlohmann::json& data);
+
+  // The error of everything refused while a live update holds the machine.
+  [[nodiscard]] static Error busy_updating(std::string_view what);
 
   // VcpuExitHandler
   void io_in(uint16_t port, std::span<uint8_t> data) override;
@@ -186,57 +212,45 @@ class Machine final : public VcpuExitHandler {
   void vcpu_failed(uint32_t vcpu, const std::string& why) override;
 
  private:
-  Machine(MachineConfig config, kvm::System system, kvm::Capabilities caps, kvm::Vm vm,
-          memory::GuestMemory memory, UniqueFd shutdown_event);
-  // The steps shared by create() and restore().
-  struct Host {
-    kvm::System system;
-    kvm::Capabilities caps;
-  };
-  [[nodiscard]] static Result<Host> open_host(const MachineConfig& config);
-  [[nodiscard]] static Result<void> describe_memory(MachineConfig& config, const memory::MemoryLayout& layout,
-                                                    size_t files, memory::SlotKind guest_memfd_slot_kind);
-  [[nodiscard]] static Result<devices::ConsoleSink> open_console(const MachineConfig& config);
-  [[nodiscard]] static Result<void> prepare_vm(kvm::Vm& vm);
-  [[nodiscard]] Result<void> build_devices(devices::ConsoleSink console);
-  [[nodiscard]] Result<void> create_vcpus(uint32_t entry);
-  [[nodiscard]] Result<void> create_empty_vcpus(const std::vector<std::vector<kvm_cpuid_entry2>>& cpuid);
-  // Runs task(i, vcpu) on every parked vCPU's own thread, all at once (the
-  // save and load of a live update's blackout); the first error wins.
-  [[nodiscard]] Result<void> on_every_vcpu(const std::function<Result<void>(size_t, kvm::Vcpu&)>& task);
-  [[nodiscard]] Result<void> restore_vcpus(const std::vector<kvm::VcpuState>& states);
-  // The part of create/restore/prebuild after the VM and its memory exist.
-  [[nodiscard]] static Result<std::unique_ptr<Machine>> assemble(
-      MachineConfig config, Host host, kvm::Vm vm, memory::GuestMemory memory,
-      const std::vector<std::vector<kvm_cpuid_entry2>>& cpuid = {});
+  friend class UpdateLease;
+  // pause()/resume() with the operation lock held and the lease checked.
+  [[nodiscard]] Result<std::chrono::microseconds> pause_vcpus(std::chrono::milliseconds timeout);
+  [[nodiscard]] Result<void> resume_vcpus();
+  void end_update();
+  // The SHUTDOWN event, the log line and the eventfd; no lock held.
+  void announce_shutdown(const std::string& reason, bool by_guest);
+  // "the VM has shut down" / "the VM is shutting down (...)"; data lock held.
+  [[nodiscard]] std::optional<Error> refuse_if_shutting_down_locked() const;
+
+  friend class MachineBuilder;
+  Machine(MachineConfig config, VmCore core, UniqueFd shutdown_event);
 
   MachineConfig config_;
-  kvm::System system_;
-  kvm::Capabilities caps_;
-  kvm::Vm vm_;
-  memory::GuestMemory memory_;
+  VmCore core_;
   UniqueFd shutdown_event_;
+  std::unique_ptr<DeviceSet> devices_;
+  VcpuSet vcpus_;  // after the devices: its threads go first
 
-  devices::Bus pio_bus_{"port I/O"};
-  devices::Bus mmio_bus_{"MMIO"};
-  std::unique_ptr<devices::Serial> serial_;
-  std::unique_ptr<devices::ExitPort> exit_port_;
-  std::unique_ptr<devices::TestGuestLink> guest_link_;
-  std::vector<std::unique_ptr<VcpuThread>> vcpus_;
-
-  mutable std::mutex state_mutex_;  // guards the run state and serializes pause/resume
+  // Locking (docs/architecture.md, "Locks"): operation_mutex_ serializes
+  // what changes the vCPUs (start, pause, resume, save, load, stop, entering
+  // an update) and may be held while waiting for them; data_mutex_ guards
+  // the fields below and is held only for short reads and writes, never
+  // across a wait or an event. Order: operation, then data, then event.
+  std::mutex operation_mutex_;
+  mutable std::mutex data_mutex_;
   RunState state_ = RunState::paused;
   bool threads_started_ = false;
+  bool update_leased_ = false;
   std::string shutdown_reason_;
   bool shutdown_failed_ = false;
   std::optional<std::chrono::microseconds> last_pause_latency_;
+  std::stop_source verify_stop_;  // stopped when an update begins: a guest-verify in flight gives up
 
-  std::mutex event_mutex_;
+  // Held only around the sink call, which never blocks; recursive, so that a
+  // sink may emit (e.g. request a shutdown) from within an event. Once
+  // set_event_sink() returns, the old sink is never called again.
+  std::recursive_mutex event_mutex_;
   EventSink event_sink_;
-  std::atomic<uint64_t> unclaimed_accesses_{0};
-  std::vector<uint32_t> msrs_to_save_;
-  std::atomic<bool> updating_{false};
-  friend class UpdateLease;
   std::thread prefault_thread_;
   std::atomic<bool> prefault_stop_{false};
 };

@@ -106,7 +106,7 @@ Result<void> VcpuThread::post_task(const std::function<Result<void>(kvm::Vcpu&)>
   if (thread_.joinable()) changed_.wait(lock, [this] { return state_ != State::created; });
   if (!thread_.joinable() || state_ != State::paused || command_ != Command::pause)
     return fail(fmt::format("vCPU {} is not paused", id_));
-  if (task_ != nullptr) return fail(fmt::format("vCPU {} is already running a task", id_));
+  if (task_ != nullptr || task_done_) return fail(fmt::format("vCPU {} is already running a task", id_), EBUSY);
   task_ = &task;
   task_done_ = false;
   changed_.notify_all();
@@ -150,7 +150,14 @@ void VcpuThread::main() {
         changed_.notify_all();
       }
       if (task_) {
-        task_result_ = (*task_)(vcpu_);
+        // The task runs without the mutex: it may take a while (vCPU state
+        // ioctls), and state(), request_pause() or exit() must not wait for it.
+        // post_task() refuses a second task until this one is collected.
+        const auto* task = task_;
+        lock.unlock();
+        Result<void> result = (*task)(vcpu_);
+        lock.lock();
+        task_result_ = std::move(result);
         task_ = nullptr;
         task_done_ = true;
         changed_.notify_all();

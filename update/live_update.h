@@ -50,7 +50,7 @@ class LiveUpdate {
 
   // The server whose listening socket goes to the new vmm.
   void set_control_server(control::Server* server) { server_ = server; }
-  [[nodiscard]] bool in_progress() const { return in_progress_.load(); }
+  [[nodiscard]] bool in_progress() const { return machine_.update_in_progress(); }
   [[nodiscard]] nlohmann::json query() const;
 
   // live-update: runs prepare, freeze and handover on the caller's thread.
@@ -83,7 +83,6 @@ class LiveUpdate {
   Machine& machine_;
   LaunchOptions launch_;
   control::Server* server_ = nullptr;
-  std::atomic<bool> in_progress_{false};
   std::atomic<bool> handed_over_{false};
   std::atomic<bool> cancelled_{false};
   mutable std::mutex record_mutex_;

@@ -71,7 +71,8 @@ MachineCommands::MachineCommands(Machine& machine, LiveUpdate& update) : machine
     return json::object();
   });
   add("quit", {}, [this](const json&, const auto&) -> control::CommandResult {
-    machine_.request_shutdown("quit requested on the control socket", false);
+    if (auto quitting = machine_.quit("quit requested on the control socket"); !quitting)
+      return generic_error(quitting.error().describe());
     return json::object();
   });
   add("query-memory", {}, [this](const json&, const auto&) { return query_memory(); });
@@ -84,8 +85,9 @@ MachineCommands::MachineCommands(Machine& machine, LiveUpdate& update) : machine
     return update_.run(args, context);
   });
   commands_["live-update"].checks_arguments = true;
-  // While an update holds the vCPUs frozen, nothing may run or stop them.
-  for (const char* name : {"stop", "cont", "quit", "guest-verify"}) commands_[name].blocked_during_update = true;
+  // stop, cont, quit and guest-verify are refused during a live update by
+  // the Machine itself (Machine::begin_update), atomically with the update's
+  // start: a check here, before the command runs, could not be.
 }
 
 void MachineCommands::add(std::string name, std::vector<std::string> allowed_arguments, Command command) {
@@ -120,8 +122,6 @@ control::CommandResult MachineCommands::execute(const std::string& command, cons
         std::ranges::find(entry.allowed_arguments, key) == entry.allowed_arguments.end())
       return generic_error(fmt::format("Parameter '{}' is unexpected for command {}", key, command));
   }
-  if (entry.blocked_during_update && update_.in_progress())
-    return generic_error(fmt::format("{} is not possible while a live update is in progress", command));
   return entry.run(arguments, context);
 }
 
@@ -208,12 +208,7 @@ control::CommandResult MachineCommands::guest_verify(const json& arguments) {
       return generic_error("Parameter 'timeout' expects a number of seconds between 0 and 3600");
     timeout_seconds = value.get<double>();
   }
-  if (machine_.run_state() != RunState::running)
-    return generic_error(fmt::format("the VM is {}: the guest can only verify its memory while "
-                                     "running (send 'cont' first)",
-                                     to_string(machine_.run_state())));
-  auto result = machine_.guest().verify(
-      std::chrono::milliseconds(static_cast<int64_t>(timeout_seconds * 1000)));
+  auto result = machine_.verify_guest(std::chrono::milliseconds(static_cast<int64_t>(timeout_seconds * 1000)));
   if (!result) return generic_error(result.error().describe());
   return verify_json(*result);
 }

@@ -37,7 +37,6 @@ class MachineCommands final : public control::CommandHandler {
     std::vector<std::string> allowed_arguments;  // empty with checks_arguments: the command checks
     Command run;
     bool checks_arguments = false;
-    bool blocked_during_update = false;
   };
   Machine& machine_;
   LiveUpdate& update_;

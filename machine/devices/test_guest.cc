@@ -61,7 +61,7 @@ GuestStatus TestGuestLink::status() const {
   return status;
 }
 
-Result<VerifyResult> TestGuestLink::verify(std::chrono::milliseconds timeout) {
+Result<VerifyResult> TestGuestLink::verify(std::chrono::milliseconds timeout, std::stop_token stop) {
   std::lock_guard serialize(verify_mutex_);
   const auto start = std::chrono::steady_clock::now();
   const auto deadline = start + timeout;
@@ -87,6 +87,8 @@ Result<VerifyResult> TestGuestLink::verify(std::chrono::milliseconds timeout) {
     for (uint32_t i = 0; i < vcpus; ++i)
       if (shared_->vcpu[i].verify_seq == request) ++done;
     if (done == vcpus) break;
+    if (stop.stop_requested())
+      return fail(fmt::format("guest-verify gave up: {} of {} vCPUs had answered", done, vcpus), ECANCELED);
     if (std::chrono::steady_clock::now() >= deadline) {
       const auto s = status();
       return fail(fmt::format(
