@@ -51,7 +51,7 @@ GuestStatus TestGuestLink::status() const {
   return status;
 }
 
-Result<VerifyResult> TestGuestLink::verify(std::chrono::milliseconds timeout) {
+Result<VerifyResult> TestGuestLink::verify(std::chrono::milliseconds timeout, std::stop_token stop) {
   std::lock_guard serialize(verify_mutex_);
   const auto start = std::chrono::steady_clock::now();
   const auto deadline = start + timeout;
@@ -68,6 +68,12 @@ Result<VerifyResult> TestGuestLink::verify(std::chrono::milliseconds timeout) {
     for (uint32_t i = 0; i < vcpus; ++i)
       if (shared_->vcpu[i].verify_seq >= request) ++done;
     if (done == vcpus) break;
+    if (stop.stop_requested())
+      return fail(fmt::format("guest-verify gave up after {} ms: {} of {} vCPUs had answered",
+                              std::chrono::duration_cast<std::chrono::milliseconds>(
+                                  std::chrono::steady_clock::now() - start).count(),
+                              done, vcpus),
+                  ECANCELED);
     if (std::chrono::steady_clock::now() >= deadline) {
       const auto s = status();
       return fail(fmt::format(

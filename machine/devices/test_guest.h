@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <mutex>
 #include <optional>
+#include <stop_token>
 #include <vector>
 
 #include "guest/protocol.h"
@@ -78,8 +79,9 @@ class TestGuestLink {
   [[nodiscard]] bool guest_speaks() const { return shared_->phase != VMM_GUEST_PHASE_BOOTING || shared_->heartbeat != 0; }
 
   // Asks every vCPU to verify its slice and waits for all answers. Waits for
-  // stamping to finish first. Serialized: one verification at a time.
-  [[nodiscard]] Result<VerifyResult> verify(std::chrono::milliseconds timeout);
+  // stamping to finish first. Serialized: one verification at a time. Gives
+  // up with ECANCELED as soon as `stop` is requested (the vmm is shutting down).
+  [[nodiscard]] Result<VerifyResult> verify(std::chrono::milliseconds timeout, std::stop_token stop = {});
   [[nodiscard]] std::optional<VerifyResult> last_verify() const;
   void set_last_verify(std::optional<VerifyResult> result);
 
