@@ -60,7 +60,7 @@ TEST(StopToken, QuitDoesNotWaitForAPendingGuestVerify) {
   ASSERT_TRUE(exit) << "the vmm is still running " << std::chrono::duration_cast<std::chrono::seconds>(
                            std::chrono::steady_clock::now() - before).count()
                     << " s after quit";
-  EXPECT_LT(std::chrono::steady_clock::now() - before, 3s);
+  EXPECT_LT(std::chrono::steady_clock::now() - before, 5s);
   EXPECT_TRUE(exit->exited);
   EXPECT_EQ(exit->code, 0);
   expect_verify_ended(verifier);
@@ -74,7 +74,7 @@ TEST(StopToken, SigtermDoesNotWaitForAPendingGuestVerify) {
   vm.signal(SIGTERM);
   auto exit = vm.wait_exit(10s);
   ASSERT_TRUE(exit) << "the vmm is still running 10 s after SIGTERM";
-  EXPECT_LT(std::chrono::steady_clock::now() - before, 3s);
+  EXPECT_LT(std::chrono::steady_clock::now() - before, 5s);
   EXPECT_TRUE(exit->exited);
   EXPECT_EQ(exit->code, 0);
   expect_verify_ended(verifier);

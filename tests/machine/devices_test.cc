@@ -167,7 +167,7 @@ TEST(TestGuestLink, VerifyGivesUpWhenStopIsRequested) {
   const auto took = std::chrono::steady_clock::now() - before;
   stopper.join();
   ASSERT_FALSE(result.has_value());
-  EXPECT_LT(took, std::chrono::seconds(2));
+  EXPECT_LT(took, std::chrono::seconds(10));  // not the hour; generous for a loaded machine
   EXPECT_EQ(result.error().code, ECANCELED);
   EXPECT_NE(result.error().message.find("gave up"), std::string::npos) << result.error().message;
   EXPECT_NE(result.error().message.find("0 of 1 vCPUs"), std::string::npos) << result.error().message;
