@@ -15,10 +15,16 @@ struct Error {
   int code = 0;         // errno value; 0 when the failure is not from a system call
   std::string message;  // what failed, in words a user can act on
 
-  // "message: strerror(code)" (or just the message when code is 0).
+  // "message: strerror(code)" (or just the message when code is 0). A
+  // message that already ends with the reason (built from another error's
+  // describe(), or by hand) does not get it twice.
   [[nodiscard]] std::string describe() const {
     if (code == 0) return message;
-    return message + ": " + std::strerror(code);
+    const std::string reason = std::strerror(code);
+    if (message.empty()) return reason;
+    if (message == reason || message.ends_with(": " + reason) || message.ends_with("(" + reason + ")"))
+      return message;
+    return message + ": " + reason;
   }
   // Prepends context: "context: message".
   [[nodiscard]] Error with_context(const std::string& context) const {

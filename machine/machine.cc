@@ -248,7 +248,7 @@ Result<void> Machine::quit(const std::string& reason) {
   return {};
 }
 
-Result<devices::VerifyResult> Machine::verify_guest(milliseconds timeout) {
+Result<devices::VerifyResult> Machine::verify_guest(milliseconds timeout, std::stop_token shutting_down) {
   std::stop_token stop;
   {
     std::lock_guard lock(data_mutex_);
@@ -258,8 +258,13 @@ Result<devices::VerifyResult> Machine::verify_guest(milliseconds timeout) {
                               "first)", to_string(state_)));
     stop = verify_stop_.get_token();
   }
-  auto result = devices_->guest().verify(timeout, stop);
-  if (!result && result.error().code == ECANCELED)
+  // Either stop ends the wait: an update that began, or the caller's (the
+  // control server shutting down).
+  std::stop_source either;
+  std::stop_callback on_update(stop, [&either] { either.request_stop(); });
+  std::stop_callback on_shutdown(shutting_down, [&either] { either.request_stop(); });
+  auto result = devices_->guest().verify(timeout, either.get_token());
+  if (!result && result.error().code == ECANCELED && stop.stop_requested())
     return std::unexpected(busy_updating(fmt::format("guest-verify ({})", result.error().message)));
   return result;
 }

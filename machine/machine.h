@@ -173,7 +173,8 @@ class Machine final : public VcpuExitHandler {
   // Asks the guest to verify its memory (guest-verify): only while running,
   // refused with EBUSY during a live update and given up (EBUSY) if one
   // starts meanwhile.
-  [[nodiscard]] Result<devices::VerifyResult> verify_guest(std::chrono::milliseconds timeout);
+  [[nodiscard]] Result<devices::VerifyResult> verify_guest(std::chrono::milliseconds timeout,
+                                                          std::stop_token shutting_down = {});
   // Readable once a shutdown was requested (for poll()).
   [[nodiscard]] FdRef shutdown_fd() const { return shutdown_event_.ref(); }
   [[nodiscard]] std::string shutdown_reason() const;

@@ -7,7 +7,8 @@
 //
 // Prints the command's "return" value as JSON on stdout. Exit status: 0 on
 // success, 1 when the vmm answered with an error (its desc goes to stderr),
-// 2 when the vmm could not be reached or did not answer in time.
+// 2 when the vmm could not be reached or did not answer in time, or the
+// request was refused before sending (an empty raw request).
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
@@ -18,6 +19,7 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <string_view>
 
 #include "vmm/control/client.h"
 
@@ -72,6 +74,35 @@ int run_command(Client& client, const Output& output, const std::string& command
   return 0;
 }
 
+// A line the server ignores without a reply (see docs/control-protocol.md):
+// sending one would only wait for an answer that never comes.
+bool is_blank(std::string_view line) { return line.find_first_not_of(" \t\r") == std::string_view::npos; }
+
+// Why vmmctl refuses to send `request` as a raw request, if it does.
+std::optional<std::string> raw_request_problem(std::string_view request) {
+  if (request == "-") return std::nullopt;
+  if (is_blank(request))
+    return "raw: the request is empty; the vmm answers no blank line. Give a JSON request such as "
+           "'{\"execute\": \"query-status\"}', or - to read requests from stdin";
+  if (request.find('\n') != std::string_view::npos)
+    return "raw: the request holds a newline; give one request per line on stdin with 'raw -'";
+  return std::nullopt;
+}
+
+// A raw guest-verify waits inside the vmm for up to its "timeout" seconds:
+// seconds vmmctl must wait for its reply (nothing when it is no such request).
+std::optional<double> raw_guest_verify_seconds(std::string_view request) {
+  json parsed = json::parse(request, nullptr, /*allow_exceptions=*/false);
+  if (!parsed.is_object()) return std::nullopt;
+  auto execute = parsed.find("execute");
+  if (execute == parsed.end() || *execute != "guest-verify") return std::nullopt;
+  double seconds = 60.0;  // the vmm's default
+  if (auto arguments = parsed.find("arguments"); arguments != parsed.end() && arguments->is_object())
+    if (auto timeout = arguments->find("timeout"); timeout != arguments->end() && timeout->is_number())
+      seconds = std::clamp(timeout->get<double>(), 0.0, 3600.0);
+  return seconds;
+}
+
 // Sends each raw line verbatim and prints each whole reply (with its "id").
 int run_raw(Client& client, const Output& output, const std::string& request) {
   auto send_one = [&](const std::string& line) -> std::optional<int> {
@@ -85,7 +116,7 @@ int run_raw(Client& client, const Output& output, const std::string& request) {
   int status = 0;
   std::string line;
   while (std::getline(std::cin, line)) {
-    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    if (is_blank(line)) continue;
     int line_status = *send_one(line);
     if (line_status == kExitUnreachable) return line_status;
     if (line_status != 0) status = line_status;
@@ -164,6 +195,15 @@ int main(int argc, char** argv) {
   // little longer than that for its reply.
   if (!subcommands.empty() && subcommands.front() == verify)
     timeout_seconds = std::max(timeout_seconds, guest_timeout_seconds.value_or(60.0) + 5.0);
+  if (!subcommands.empty() && subcommands.front() == raw) {
+    // Refused before connecting: no reply would ever come.
+    if (auto problem = raw_request_problem(raw_request)) {
+      std::cerr << "vmmctl: " << *problem << '\n';
+      return kExitUnreachable;
+    }
+    if (auto verify_seconds = raw_guest_verify_seconds(raw_request))
+      timeout_seconds = std::max(timeout_seconds, *verify_seconds + 5.0);
+  }
   const auto timeout =
       std::chrono::milliseconds(static_cast<long long>(timeout_seconds * 1000.0));
   if (subcommands.empty() && wait_event_name.empty()) {

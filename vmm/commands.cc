@@ -1,6 +1,8 @@
 #include "vmm/commands.h"
 
 #include <algorithm>
+#include <cerrno>
+#include <stop_token>
 
 #include <fmt/format.h>
 
@@ -78,7 +80,8 @@ MachineCommands::MachineCommands(Machine& machine, LiveUpdate& update) : machine
   add("query-memory", {}, [this](const json&, const auto&) { return query_memory(); });
   add("query-vcpus", {}, [this](const json&, const auto&) { return query_vcpus(); });
   add("query-guest", {}, [this](const json&, const auto&) { return query_guest(); });
-  add("guest-verify", {"timeout"}, [this](const json& args, const auto&) { return guest_verify(args); });
+  add("guest-verify", {"timeout"},
+      [this](const json& args, const control::CommandContext& context) { return guest_verify(args, context.stop); });
   add("query-memory-hash", {}, [this](const json&, const auto&) { return query_memory_hash(); });
   add("query-live-update", {}, [this](const json&, const auto&) -> control::CommandResult { return update_.query(); });
   add("live-update", {}, [this](const json& args, const control::CommandContext& context) {
@@ -200,7 +203,7 @@ control::CommandResult MachineCommands::query_guest() {
   return out;
 }
 
-control::CommandResult MachineCommands::guest_verify(const json& arguments) {
+control::CommandResult MachineCommands::guest_verify(const json& arguments, std::stop_token stop) {
   double timeout_seconds = 60;
   if (arguments.contains("timeout")) {
     const json& value = arguments["timeout"];
@@ -208,7 +211,12 @@ control::CommandResult MachineCommands::guest_verify(const json& arguments) {
       return generic_error("Parameter 'timeout' expects a number of seconds between 0 and 3600");
     timeout_seconds = value.get<double>();
   }
-  auto result = machine_.verify_guest(std::chrono::milliseconds(static_cast<int64_t>(timeout_seconds * 1000)));
+  // Waits for the guest, but not past the control server's stop (quit,
+  // SIGTERM, the old process after a transfer), which waits for this reply.
+  auto result = machine_.verify_guest(std::chrono::milliseconds(static_cast<int64_t>(timeout_seconds * 1000)),
+                                      std::move(stop));
+  if (!result && result.error().code == ECANCELED)
+    return generic_error("the vmm is shutting down: " + result.error().message);
   if (!result) return generic_error(result.error().describe());
   return verify_json(*result);
 }

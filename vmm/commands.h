@@ -4,6 +4,7 @@
 #include <chrono>
 #include <functional>
 #include <map>
+#include <stop_token>
 #include <string>
 
 #include "vmm/control/handler.h"
@@ -31,7 +32,7 @@ class MachineCommands final : public control::CommandHandler {
   control::CommandResult query_vcpus();
   control::CommandResult query_memory_hash();
   control::CommandResult query_guest();
-  control::CommandResult guest_verify(const nlohmann::json& arguments);
+  control::CommandResult guest_verify(const nlohmann::json& arguments, std::stop_token stop);
 
   struct Entry {
     std::vector<std::string> allowed_arguments;  // empty with checks_arguments: the command checks

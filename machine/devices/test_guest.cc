@@ -88,7 +88,11 @@ Result<VerifyResult> TestGuestLink::verify(std::chrono::milliseconds timeout, st
       if (shared_->vcpu[i].verify_seq == request) ++done;
     if (done == vcpus) break;
     if (stop.stop_requested())
-      return fail(fmt::format("guest-verify gave up: {} of {} vCPUs had answered", done, vcpus), ECANCELED);
+      return fail(fmt::format("guest-verify gave up after {} ms: {} of {} vCPUs had answered",
+                              std::chrono::duration_cast<std::chrono::milliseconds>(
+                                  std::chrono::steady_clock::now() - start).count(),
+                              done, vcpus),
+                  ECANCELED);
     if (std::chrono::steady_clock::now() >= deadline) {
       const auto s = status();
       return fail(fmt::format(

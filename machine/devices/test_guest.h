@@ -109,8 +109,9 @@ class TestGuestLink {
   // Asks every vCPU to verify its slice and waits for all answers. Waits for
   // stamping to finish first. Serialized: one verification at a time. An
   // answer that cannot be right (more mismatches than pages checked, counts
-  // that overflow) is an error, not a result. Gives up with ECANCELED once
-  // `stop` is requested (a live update began).
+  // that overflow) is an error, not a result. Gives up with ECANCELED as
+  // soon as `stop` is requested (a live update began, or the vmm is
+  // shutting down).
   [[nodiscard]] Result<VerifyResult> verify(std::chrono::milliseconds timeout, std::stop_token stop = {});
   [[nodiscard]] std::optional<VerifyResult> last_verify() const;
   void set_last_verify(std::optional<VerifyResult> result);

@@ -21,6 +21,24 @@ TEST(Result, DescribeAddsStrerrorOnlyForSystemErrors) {
   EXPECT_EQ(inner.with_context("outer").code, EINVAL);
 }
 
+TEST(Result, DescribeDoesNotRepeatAReasonTheMessageAlreadyEndsWith) {
+  const std::string denied = std::strerror(EACCES);
+  // A message built from another error's describe() keeps its one reason.
+  const Error inner{EACCES, "open /dev/kvm"};
+  const Error rebuilt{EACCES, inner.describe()};
+  EXPECT_EQ(rebuilt.describe(), "open /dev/kvm: " + denied);
+  EXPECT_EQ(rebuilt.with_context("create the VM").describe(), "create the VM: open /dev/kvm: " + denied);
+  // Built by hand, as "X: strerror" or "X (strerror)", or only the reason.
+  EXPECT_EQ((Error{EACCES, "connect: " + denied}).describe(), "connect: " + denied);
+  EXPECT_EQ((Error{EACCES, "connect (" + denied + ")"}).describe(), "connect (" + denied + ")");
+  EXPECT_EQ((Error{EACCES, denied}).describe(), denied);
+  EXPECT_EQ((Error{EACCES, ""}).describe(), denied);
+  // A different reason, or the reason in the middle, is not the same thing.
+  EXPECT_EQ((Error{EACCES, "spawn: " + std::string(std::strerror(ENOENT))}).describe(),
+            "spawn: " + std::string(std::strerror(ENOENT)) + ": " + denied);
+  EXPECT_EQ((Error{EACCES, denied + " on x"}).describe(), denied + " on x: " + denied);
+}
+
 TEST(Result, WithContextPrefixesOnlyErrors) {
   Result<int> ok = 7;
   EXPECT_EQ(with_context(ok, "ctx").value(), 7);

@@ -43,6 +43,18 @@ class FakeHandler final : public CommandHandler {
       server.load()->stop_accepting();
       return json::object();
     }
+    if (command == "wait-for-stop") {
+      // Like guest-verify: a long wait that must end when the server stops.
+      std::mutex mutex;
+      std::condition_variable_any never_notified;
+      std::unique_lock lock(mutex);
+      waiting_for_stop = true;
+      bool stopped = never_notified.wait_for(lock, context.stop, 10s, [] { return false; });
+      (void)stopped;
+      if (context.stop.stop_requested())
+        return std::unexpected(CommandError{kGenericError, "the vmm is shutting down"});
+      return json{{"waited", "10 s"}};
+    }
     return execute(command, arguments);
   }
 
@@ -70,6 +82,7 @@ class FakeHandler final : public CommandHandler {
   std::atomic<int> calls{0};
   std::atomic<Server*> server{nullptr};
   std::atomic<bool> slow_running{false};
+  std::atomic<bool> waiting_for_stop{false};
 
  private:
   std::mutex mutex_;
@@ -242,6 +255,69 @@ TEST_F(ControlServerTest, MalformedJsonSaysWhere) {
   // The same connection keeps working, and so do others.
   EXPECT_EQ(request_line(client, R"({"execute": "echo", "id": 2})"), (json{{"return", json::object()}, {"id", 2}}));
   expect_still_serving();
+}
+
+// The issue-10 crash: nlohmann throws out_of_range (not parse_error) for a
+// number no double holds, and the server only caught parse_error: abort.
+TEST_F(ControlServerTest, OverflowingNumberIsAParseErrorNotACrash) {
+  start();
+  Client client = connect();  // before negotiation too
+  for (const char* line : {"1e400", R"({"execute": "qmp_capabilities", "id": 1e400})", "[-1e999]"}) {
+    json reply = request_line(client, line);
+    ASSERT_TRUE(reply.contains("error")) << line << " -> " << reply.dump();
+    EXPECT_EQ(reply.size(), 1u) << reply.dump();  // no id: the request never parsed
+    EXPECT_EQ(reply["error"]["class"], "GenericError");
+    std::string desc = reply["error"]["desc"];
+    EXPECT_TRUE(desc.starts_with("JSON parse error: number overflow parsing '")) << desc;
+  }
+  EXPECT_EQ(request_line(client, R"({"execute": "qmp_capabilities", "id": 1e300})"),
+            (json{{"return", json::object()}, {"id", 1e300}}));
+  EXPECT_EQ(handler_.calls, 0);
+  expect_still_serving();
+}
+
+std::string nested_id_request(std::size_t id_depth) {
+  return R"({"execute": "echo", "id": )" + std::string(id_depth, '[') + std::string(id_depth, ']') + "}";
+}
+
+TEST_F(ControlServerTest, NestingDeeperThanTheLimitIsRefusedBeforeParsing) {
+  start();
+  Client client = connect_negotiated();
+  static_assert(kMaxRequestNesting == 64);
+  // The request object is level 1: an id 63 arrays deep is the deepest allowed.
+  json deepest = json::array();
+  for (int level = 1; level < 63; ++level) deepest = json::array({deepest});
+  EXPECT_EQ(request_line(client, nested_id_request(63)), (json{{"return", json::object()}, {"id", deepest}}));
+  const std::string at = std::to_string(std::string(R"({"execute": "echo", "id": )").size() + 63);
+  EXPECT_EQ(request_line(client, nested_id_request(64)),
+            error_json("GenericError", "request nests arrays and objects deeper than 64 levels (at byte " + at + ")"));
+  // As deep as a line can be: refused at once, no recursion per level.
+  EXPECT_EQ(request_line(client, nested_id_request(32 * 1024 - 20))["error"]["class"], "GenericError");
+  json enable = request_line(client, R"({"execute": "qmp_capabilities", "arguments": {"enable": )" +
+                                         std::string(30000, '[') + std::string(30000, ']') + "}}");
+  EXPECT_TRUE(enable["error"]["desc"].get<std::string>().starts_with("request nests arrays and objects deeper"))
+      << enable.dump();
+  EXPECT_EQ(handler_.calls, 1);  // only the allowed one
+  expect_still_serving();
+}
+
+TEST_F(ControlServerTest, BracketsInStringsDoNotCountAsNesting) {
+  start();
+  Client client = connect_negotiated();
+  const std::string brackets = std::string(100, '[') + "\\\"" + std::string(100, '{');
+  json reply = request_line(client, R"({"execute": "echo", "arguments": {"s": ")" + brackets + R"("}, "id": 1})");
+  EXPECT_EQ(reply, (json{{"return", {{"s", std::string(100, '[') + "\"" + std::string(100, '{')}}}, {"id", 1}}));
+}
+
+TEST_F(ControlServerTest, ParseErrorQuotingALongTokenIsTruncated) {
+  start();
+  Client client = connect_negotiated();
+  json reply = request_line(client, R"({"execute": ")" + std::string(10000, 'x') + "\x01\"}");
+  ASSERT_TRUE(reply.contains("error")) << reply.dump();
+  std::string desc = reply["error"]["desc"];
+  EXPECT_TRUE(desc.starts_with("JSON parse error at line 1")) << desc;
+  EXPECT_TRUE(desc.ends_with("... (truncated)")) << desc;
+  EXPECT_LT(desc.size(), 300u);
 }
 
 TEST_F(ControlServerTest, NonObjectIsRejected) {
@@ -589,6 +665,34 @@ TEST_F(ControlServerTest, AdoptRefusesWhatIsNotTheListeningSocket) {
   EXPECT_TRUE(std::filesystem::exists(path_));
 }
 
+// issue 10: a long command (guest-verify waits up to an hour) held stop(),
+// and so quit, SIGTERM and the old process of a transfer, for as long.
+TEST_F(ControlServerTest, StopEndsALongCommandThroughItsStopToken) {
+  start();
+  Client waiting = connect_negotiated();
+  ASSERT_TRUE(waiting.send_raw(R"({"execute": "wait-for-stop", "id": "w"})" "\n"));
+  ASSERT_TRUE(eventually([&] { return handler_.waiting_for_stop.load(); }));
+  const auto before = std::chrono::steady_clock::now();
+  server_->stop();
+  EXPECT_LT(std::chrono::steady_clock::now() - before, 1s);
+  // The command's reply still goes out, then the connection closes.
+  auto reply = waiting.read_message();
+  ASSERT_TRUE(reply) << reply.error().describe();
+  EXPECT_EQ(*reply, (json{{"error", {{"class", "GenericError"}, {"desc", "the vmm is shutting down"}}}, {"id", "w"}}));
+  EXPECT_FALSE(waiting.read_message());
+}
+
+TEST_F(ControlServerTest, DetachAlsoEndsLongCommands) {
+  start();
+  Client waiting = connect_negotiated();
+  ASSERT_TRUE(waiting.send_raw(R"({"execute": "wait-for-stop"})" "\n"));
+  ASSERT_TRUE(eventually([&] { return handler_.waiting_for_stop.load(); }));
+  const auto before = std::chrono::steady_clock::now();
+  UniqueFd released = server_->detach();
+  EXPECT_LT(std::chrono::steady_clock::now() - before, 1s);
+  EXPECT_TRUE(released);
+}
+
 TEST_F(ControlServerTest, StopIsPromptAndIdempotent) {
   start();
   std::vector<Client> clients;
@@ -671,6 +775,92 @@ TEST_F(ControlServerTest, HandedOverClientAfterStopIsClosed) {
   server_->adopt_client(UniqueFd(pair[0]), json{{"return", json::object()}});
   std::string buffer;
   EXPECT_FALSE(read_line_raw(ours.ref(), buffer));
+}
+
+// A server that sends the scripted lines: the greeting at once, then one
+// line (or several) per request line it reads.
+class ScriptedPeer {
+ public:
+  ScriptedPeer(const std::string& path, std::string greeting, std::vector<std::string> replies) {
+    listen_fd_ = UniqueFd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    sockaddr_un address{};
+    address.sun_family = AF_UNIX;
+    path.copy(address.sun_path, sizeof(address.sun_path) - 1);
+    if (::bind(listen_fd_.get(), reinterpret_cast<const sockaddr*>(&address), sizeof address) < 0 ||
+        ::listen(listen_fd_.get(), 1) < 0)
+      throw std::runtime_error("cannot listen");
+    thread_ = std::thread([this, greeting = std::move(greeting), replies = std::move(replies)] {
+      UniqueFd connection(::accept4(listen_fd_.get(), nullptr, nullptr, SOCK_CLOEXEC));
+      auto send_line = [&](const std::string& line) {
+        std::string framed = line + "\n";
+        [[maybe_unused]] auto sent = ::send(connection.get(), framed.data(), framed.size(), MSG_NOSIGNAL);
+      };
+      send_line(greeting);
+      std::string buffer;
+      for (const auto& reply : replies) {
+        if (!read_line_raw(connection.ref(), buffer, 2s)) return;
+        send_line(reply);
+      }
+      read_line_raw(connection.ref(), buffer, 2s);  // until the client leaves
+    });
+  }
+  ~ScriptedPeer() { thread_.join(); }
+
+ private:
+  UniqueFd listen_fd_;
+  std::thread thread_;
+};
+
+class ControlClientTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char pattern[] = "/tmp/vmm-control-client-test-XXXXXX";
+    ASSERT_NE(::mkdtemp(pattern), nullptr);
+    dir_ = pattern;
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+  std::string dir_;
+};
+
+// What a server sends is checked before it is read: members of the wrong
+// type used to throw nlohmann::type_error out of the client (and vmmctl).
+TEST_F(ControlClientTest, MalformedServerLinesAreErrorsNotExceptions) {
+  const std::string path = dir_ + "/peer.sock";
+  ScriptedPeer peer(path, R"({"QMP": {}})",
+                    {R"({"error": "not an object"})", R"({"error": {"class": 5, "desc": ["x"]}})",
+                     R"({"event": 7})" "\n" R"({"return": 1})", "[1]"});
+  auto client = Client::connect(path, 2s);
+  ASSERT_TRUE(client) << client.error().describe();
+  client->set_timeout(2s);
+
+  auto not_object = client->execute("a");
+  ASSERT_TRUE(not_object) << not_object.error().describe();
+  ASSERT_FALSE(*not_object);
+  EXPECT_EQ(not_object->error().error_class, "GenericError");
+  EXPECT_EQ(not_object->error().desc, R"("not an object")");
+
+  auto wrong_types = client->execute("b");
+  ASSERT_TRUE(wrong_types) << wrong_types.error().describe();
+  ASSERT_FALSE(*wrong_types);
+  EXPECT_EQ(wrong_types->error().error_class, "GenericError");
+  EXPECT_EQ(wrong_types->error().desc, R"({"class":5,"desc":["x"]})");
+
+  auto after_odd_event = client->execute("c");
+  ASSERT_TRUE(after_odd_event && *after_odd_event);
+  EXPECT_EQ(**after_odd_event, 1);
+  EXPECT_FALSE(client->wait_event("STOP", 100ms));  // the kept event has no string name: no match, no throw
+
+  auto array = client->execute("d");
+  ASSERT_FALSE(array);
+  EXPECT_EQ(array.error().message, "reply to d is not a JSON object: [1]");
+}
+
+TEST_F(ControlClientTest, RefusalWhoseErrorIsNotAnObjectIsStillAClearError) {
+  const std::string path = dir_ + "/peer.sock";
+  ScriptedPeer peer(path, R"({"error": 42})", {});
+  auto client = Client::connect(path, 2s);
+  ASSERT_FALSE(client);
+  EXPECT_EQ(client.error().message, "the server at " + path + " refused the connection: 42");
 }
 
 }  // namespace

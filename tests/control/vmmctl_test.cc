@@ -5,12 +5,16 @@
 #include <sys/wait.h>
 
 #include <array>
+#include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <functional>
+#include <iterator>
 #include <mutex>
 #include <sstream>
 #include <string>
+#include <thread>
 
 #include "vmm/control/server.h"
 
@@ -32,9 +36,23 @@ class ScriptedHandler final : public CommandHandler {
       if (hook) hook();
       return json::object();
     }
-    if (command == "guest-verify" || command == "live-update") return arguments;
+    if (command == "guest-verify") {
+      std::chrono::milliseconds delay{};
+      {
+        std::lock_guard lock(mutex_);
+        delay = guest_verify_delay_;
+      }
+      std::this_thread::sleep_for(delay);
+      return arguments;
+    }
+    if (command == "live-update") return arguments;
     if (command == "cont") return std::unexpected(CommandError{kGenericError, "the VM is not paused"});
     return std::unexpected(CommandError{kCommandNotFound, "The command " + command + " has not been found"});
+  }
+  // guest-verify takes this long before it replies.
+  void delay_guest_verify(std::chrono::milliseconds delay) {
+    std::lock_guard lock(mutex_);
+    guest_verify_delay_ = delay;
   }
   // Runs inside "stop" (on a server thread), e.g. to emit an event.
   void on_stop(std::function<void()> hook) {
@@ -45,11 +63,14 @@ class ScriptedHandler final : public CommandHandler {
  private:
   std::mutex mutex_;
   std::function<void()> on_stop_;
+  std::chrono::milliseconds guest_verify_delay_{};
 };
 
 struct VmmctlRun {
   int exit_status = -1;
-  std::string output;  // stdout only
+  std::string output;  // stdout
+  std::string errors;  // stderr
+  std::chrono::steady_clock::duration took{};
 };
 
 class VmmctlTest : public ::testing::Test {
@@ -74,14 +95,18 @@ class VmmctlTest : public ::testing::Test {
     FILE* in = std::fopen(input_file.c_str(), "w");
     std::fputs(input.c_str(), in);
     std::fclose(in);
-    std::string command = std::string(VMMCTL_PATH) + " -s " + path_ + " " + args + " <" + input_file + " 2>/dev/null";
+    std::string command = std::string(VMMCTL_PATH) + " -s " + path_ + " " + args + " <" + input_file + " 2>" + dir_ + "/stderr";
     VmmctlRun run;
+    const auto started = std::chrono::steady_clock::now();
     FILE* pipe = ::popen(command.c_str(), "r");
     if (!pipe) return run;
     std::array<char, 4096> chunk{};
     while (std::size_t n = std::fread(chunk.data(), 1, chunk.size(), pipe)) run.output.append(chunk.data(), n);
     int status = ::pclose(pipe);
+    run.took = std::chrono::steady_clock::now() - started;
     run.exit_status = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    std::ifstream errors(dir_ + "/stderr");
+    run.errors.assign(std::istreambuf_iterator<char>(errors), std::istreambuf_iterator<char>());
     return run;
   }
 
@@ -136,6 +161,32 @@ TEST_F(VmmctlTest, RawPrintsWholeRepliesFromArgumentOrStdin) {
   std::getline(replies, second);
   EXPECT_EQ(json::parse(first), (json{{"id", 1}, {"return", json::object()}}));
   EXPECT_EQ(json::parse(second)["error"]["class"], "GenericError");
+}
+
+// issue 10: the server answers no blank line, so `raw ''` waited the whole
+// timeout (30 s) for nothing.
+TEST_F(VmmctlTest, BlankRawRequestIsRefusedAtOnce) {
+  using namespace std::chrono_literals;
+  for (const char* request : {"''", "'   '", "\"$(printf ' \\t\\r')\""}) {
+    VmmctlRun run = vmmctl(std::string("raw ") + request);
+    EXPECT_EQ(run.exit_status, 2) << request;
+    EXPECT_EQ(run.output, "") << request;
+    EXPECT_LT(run.took, 5s) << request;
+    EXPECT_NE(run.errors.find("vmmctl: raw: the request is empty"), std::string::npos) << run.errors;
+  }
+  VmmctlRun multi = vmmctl("raw \"$(printf '{}\\n{}')\"");
+  EXPECT_EQ(multi.exit_status, 2);
+  EXPECT_LT(multi.took, 5s);
+  EXPECT_NE(multi.errors.find("holds a newline"), std::string::npos) << multi.errors;
+}
+
+// A raw guest-verify waits for its reply as long as the vmm may take.
+TEST_F(VmmctlTest, RawGuestVerifyWaitsForItsOwnTimeout) {
+  using namespace std::chrono_literals;
+  handler_.delay_guest_verify(1500ms);
+  VmmctlRun run = vmmctl(R"(--json --timeout 0.5 raw '{"execute": "guest-verify", "arguments": {"timeout": 2}}')");
+  EXPECT_EQ(run.exit_status, 0) << run.errors;
+  EXPECT_EQ(run.output, "{\"return\":{\"timeout\":2}}\n");
 }
 
 TEST_F(VmmctlTest, WaitsForAnEventAfterTheCommand) {

@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <functional>
+#include <stop_token>
 #include <thread>
 #include <vector>
 
@@ -303,6 +304,33 @@ TEST(TestGuestLink, VerifyTimesOutWithAnExplanation) {
   ASSERT_FALSE(result.has_value());
   EXPECT_NE(result.error().message.find("timed out"), std::string::npos);
   EXPECT_NE(result.error().message.find("0 of 1 vCPUs"), std::string::npos);
+}
+
+// The control server's stop token (the vmm shutting down) ends the wait at
+// once, however long the timeout.
+TEST(TestGuestLink, VerifyGivesUpWhenStopIsRequested) {
+  SharedRegion region;
+  TestGuestLink link(region.data(), SharedRegion::kSize);
+  link.configure(1, 1, 1);
+  region.shared()->phase = VMM_GUEST_PHASE_STAMPING;
+  std::stop_source stop;
+  std::thread stopper([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    stop.request_stop();
+  });
+  const auto before = std::chrono::steady_clock::now();
+  auto result = link.verify(std::chrono::hours(1), stop.get_token());
+  const auto took = std::chrono::steady_clock::now() - before;
+  stopper.join();
+  ASSERT_FALSE(result.has_value());
+  EXPECT_LT(took, std::chrono::seconds(10));  // not the hour; generous for a loaded machine
+  EXPECT_EQ(result.error().code, ECANCELED);
+  EXPECT_NE(result.error().message.find("gave up"), std::string::npos) << result.error().message;
+  EXPECT_NE(result.error().message.find("0 of 1 vCPUs"), std::string::npos) << result.error().message;
+  // Requested before the call: it returns without waiting at all.
+  auto again = link.verify(std::chrono::hours(1), stop.get_token());
+  ASSERT_FALSE(again.has_value());
+  EXPECT_EQ(again.error().code, ECANCELED);
 }
 
 TEST(TestGuestLink, LargestHeartbeatGapComesFromTheRing) {

@@ -21,6 +21,17 @@ constexpr std::size_t kMaxReplyBytes = 64 * 1024 * 1024;
 
 bool is_event(const json& message) { return message.is_object() && message.contains("event"); }
 
+// object[key] when it is a string, else `fallback`: what a server sends is
+// checked before it is read, so a malformed line cannot throw.
+std::string string_member(const json& object, const char* key, std::string fallback) {
+  if (!object.is_object()) return fallback;
+  auto it = object.find(key);
+  if (it == object.end() || !it->is_string()) return fallback;
+  return it->get<std::string>();
+}
+
+std::string dump(const json& value) { return value.dump(-1, ' ', false, json::error_handler_t::replace); }
+
 // Milliseconds left until `deadline`, for poll (0 once it has passed).
 int remaining_ms(std::chrono::steady_clock::time_point deadline) {
   auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
@@ -58,18 +69,18 @@ Result<Client> Client::connect(const std::string& path, std::chrono::millisecond
   Client client(std::move(fd), timeout);
   VMM_TRY_ASSIGN(greeting, client.read_message(Clock::now() + timeout));
   if (greeting.is_object() && greeting.contains("error")) {
-    std::string desc = greeting["error"].value("desc", greeting["error"].dump());
+    std::string desc = string_member(greeting["error"], "desc", dump(greeting["error"]));
     return fail("the server at " + path + " refused the connection: " + desc);
   }
   if (!greeting.is_object() || !greeting.contains("QMP"))
-    return fail("unexpected greeting from " + path + ": " + greeting.dump());
+    return fail("unexpected greeting from " + path + ": " + dump(greeting));
   client.greeting_ = std::move(greeting);
   return client;
 }
 
 Result<void> Client::negotiate() {
   VMM_TRY_ASSIGN(reply, request(json{{"execute", "qmp_capabilities"}}));
-  if (!reply.contains("return")) return fail("qmp_capabilities failed: " + reply.dump());
+  if (!reply.is_object() || !reply.contains("return")) return fail("qmp_capabilities failed: " + dump(reply));
   return {};
 }
 
@@ -77,18 +88,15 @@ Result<CommandResult> Client::execute(const std::string& command, const json& ar
   json request_object{{"execute", command}};
   if (!arguments.is_null() && !arguments.empty()) request_object["arguments"] = arguments;
   VMM_TRY_ASSIGN(reply, request(request_object));
+  if (!reply.is_object()) return fail("reply to " + command + " is not a JSON object: " + dump(reply));
   if (auto error = reply.find("error"); error != reply.end()) {
     CommandError command_error;
-    if (error->is_object()) {
-      command_error.error_class = error->value("class", std::string(kGenericError));
-      command_error.desc = error->value("desc", std::string());
-    } else {
-      command_error.desc = error->dump();
-    }
+    command_error.error_class = string_member(*error, "class", kGenericError);
+    command_error.desc = string_member(*error, "desc", dump(*error));
     return CommandResult(std::unexpect, std::move(command_error));
   }
   if (auto value = reply.find("return"); value != reply.end()) return CommandResult(std::move(*value));
-  return fail("reply to " + command + " has neither 'return' nor 'error': " + reply.dump());
+  return fail("reply to " + command + " has neither 'return' nor 'error': " + dump(reply));
 }
 
 Result<json> Client::request(const json& request) {
@@ -170,7 +178,7 @@ Result<json> Client::read_reply() {
 }
 
 Result<json> Client::wait_event(const std::string& name, std::chrono::milliseconds timeout) {
-  auto matches = [&](const json& event) { return name.empty() || event.value("event", "") == name; };
+  auto matches = [&](const json& event) { return name.empty() || string_member(event, "event", "") == name; };
   for (auto it = events_.begin(); it != events_.end(); ++it) {
     if (matches(*it)) {
       json event = std::move(*it);

@@ -7,6 +7,7 @@
 #include <atomic>
 #include <expected>
 #include <optional>
+#include <stop_token>
 #include <string>
 
 namespace vmm::control {
@@ -32,6 +33,12 @@ struct CommandContext {
   // transfer live update): the server then neither replies on it nor reads
   // from it again, and closes its own copy.
   std::atomic<bool>* handed_over = nullptr;
+  // Requested when the server stops (Server::stop(), detach(), the
+  // destructor): a command that waits (guest-verify waits up to an hour for
+  // the guest) must give up then and return an error saying the vmm is
+  // shutting down, because stop() waits for every running command to return.
+  // Default-constructed (never requested) outside a server.
+  std::stop_token stop;
 };
 
 class CommandHandler {
@@ -40,7 +47,8 @@ class CommandHandler {
   // Runs one command (never "qmp_capabilities", which the server handles).
   // `arguments` is always a JSON object (empty when the client sent none).
   // Called from a client's thread; may block (guest-verify waits for the
-  // guest), and may be called concurrently from several clients.
+  // guest), but only until context.stop is requested; may be called
+  // concurrently from several clients.
   // Must not call Server::stop() or detach(): they join every client thread,
   // this one included (signal another thread instead); stop_accepting() and
   // resume_accepting() are fine.

@@ -49,13 +49,62 @@ json error_reply(std::string_view error_class, std::string_view desc) {
   return json{{"error", {{"class", error_class}, {"desc", desc}}}};
 }
 
+// The longest error description taken from a parser message: it quotes the
+// last token read, which can be a string as long as the line.
+constexpr std::size_t kMaxParseErrorBytes = 200;
+
 // nlohmann's what() is "[json.exception.parse_error.101] parse error at line
-// 1, column 5: syntax error ..."; keep the part after the bracketed tag.
-std::string describe_parse_error(const json::parse_error& error) {
+// 1, column 5: syntax error ..." (or "[json.exception.out_of_range.406]
+// number overflow parsing '1e400'"); keep the part after the bracketed tag.
+std::string describe_parse_error(const json::exception& error) {
   std::string_view what = error.what();
   if (auto tag_end = what.find("] "); tag_end != std::string_view::npos) what.remove_prefix(tag_end + 2);
-  if (what.starts_with("parse error")) what.remove_prefix(std::string_view("parse error").size());
-  return "JSON parse error" + std::string(what);
+  std::string desc = "JSON parse error";
+  if (what.starts_with("parse error")) {
+    what.remove_prefix(std::string_view("parse error").size());
+  } else {
+    desc += ": ";
+  }
+  if (what.size() > kMaxParseErrorBytes) {
+    desc.append(what.substr(0, kMaxParseErrorBytes));
+    desc += "... (truncated)";
+  } else {
+    desc.append(what);
+  }
+  return desc;
+}
+
+// Why `line` nests arrays and objects deeper than `max_depth`, if it does.
+// A bracket counter that skips strings (and the escapes in them): exact for
+// valid JSON, and whatever it says about invalid JSON, the parser then
+// refuses that line anyway. It runs before parsing, so neither the parser nor
+// any later copy, comparison or dump of the value recurses deeper.
+std::optional<std::string> nesting_error(std::string_view line, std::size_t max_depth) {
+  std::size_t depth = 0;
+  bool in_string = false;
+  for (std::size_t i = 0; i < line.size(); ++i) {
+    const char c = line[i];
+    if (in_string) {
+      if (c == '\\') ++i;
+      else if (c == '"') in_string = false;
+      continue;
+    }
+    switch (c) {
+      case '"': in_string = true; break;
+      case '[':
+      case '{':
+        if (++depth > max_depth)
+          return "request nests arrays and objects deeper than " + std::to_string(max_depth) +
+                 " levels (at byte " + std::to_string(i) + ")";
+        break;
+      case ']':
+      case '}':
+        if (depth > 0) --depth;
+        break;
+      default: break;
+    }
+  }
+  return std::nullopt;
 }
 
 bool is_blank(std::string_view line) {
@@ -345,12 +394,37 @@ class ClientSession {
     return Next::close;
   }
 
+  // Runs one request line. Whatever the line holds, the client gets an
+  // error reply and the server keeps going: nothing a client sends may throw
+  // out of here (an uncaught exception on this thread would abort the vmm).
   void handle_line(std::string_view line) {
     if (is_blank(line)) return;
+    try {
+      handle_request(line);
+    } catch (const std::exception& error) {
+      // json::exception included: a value of an unexpected type met after
+      // the checks in handle_request (a bug here or in a handler's argument
+      // checks, never the client's), or memory running out.
+      spdlog::error("control: client {}: request failed: {}", id_, error.what());
+      reply(error_reply(kGenericError, std::string("internal error handling the request: ") + error.what()),
+            std::nullopt);
+    } catch (...) {
+      spdlog::error("control: client {}: request failed with a non-exception", id_);
+      reply(error_reply(kGenericError, "internal error handling the request"), std::nullopt);
+    }
+  }
+
+  void handle_request(std::string_view line) {
+    if (auto too_deep = nesting_error(line, kMaxRequestNesting)) {
+      spdlog::warn("control: client {}: {}", id_, *too_deep);
+      reply(error_reply(kGenericError, *too_deep), std::nullopt);
+      return;
+    }
     json request;
     try {
       request = json::parse(line);
-    } catch (const json::parse_error& error) {
+    } catch (const json::exception& error) {
+      // parse_error, and out_of_range for a number no double holds (1e400).
       spdlog::warn("control: client {}: {}", id_, describe_parse_error(error));
       reply(error_reply(kGenericError, describe_parse_error(error)), std::nullopt);
       return;
@@ -440,7 +514,8 @@ class ClientSession {
   CommandResult run_handler(const std::string& command, const json& arguments, const std::optional<json>& id) {
     // A throwing handler must not take the VMM down with std::terminate.
     try {
-      return server_.handler_.execute(command, arguments, CommandContext{fd_.get(), id, &handed_over_});
+      return server_.handler_.execute(command, arguments,
+                                      CommandContext{fd_.get(), id, &handed_over_, server_.command_stop_.get_token()});
     } catch (const std::exception& error) {
       spdlog::error("control: client {}: {} threw: {}", id_, command, error.what());
       return std::unexpected(CommandError{kGenericError, "internal error in " + command + ": " + error.what()});
@@ -615,6 +690,8 @@ UniqueFd Server::shut_down(bool remove_path) {
       std::abort();
     }
     if (stop_event_) signal_eventfd(stop_event_.ref());
+    // Running commands give up their waits; stop() then joins their threads.
+    command_stop_.request_stop();
     accept_thread = std::move(accept_thread_);
   }
   // Joined before the clients are collected: it is the only other thread

@@ -20,6 +20,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <stop_token>
 #include <string>
 #include <thread>
 
@@ -32,6 +33,11 @@ namespace vmm::control {
 // The greeting's "version" member for this build:
 // {"vmm": {"major": M, "minor": m, "micro": u}, "package": "vmm"}.
 [[nodiscard]] nlohmann::json program_version();
+
+// Deepest nesting of arrays and objects a request may have (the request
+// object itself is level 1). Checked before parsing, so nothing recurses
+// deeper than this on a client's thread; a deeper request gets an error reply.
+inline constexpr std::size_t kMaxRequestNesting = 64;
 
 struct ServerOptions {
   // Longest accepted request line, not counting its "\n" or "\r\n". A longer
@@ -77,7 +83,8 @@ class Server {
 
   // Disconnects every client, joins every thread, closes the socket and
   // removes its path (only if the path is still this server's socket).
-  // Waits for commands already running in the handler to return. Idempotent.
+  // Requests every running command's CommandContext::stop first, then waits
+  // for them to return (their replies still go out). Idempotent.
   // Must not be called from inside CommandHandler::execute: it joins the
   // client threads, the caller's included.
   void stop();
@@ -137,6 +144,8 @@ class Server {
   // Readable to make the accept thread return without stopping the server.
   UniqueFd pause_accept_event_;
   std::atomic<bool> stopping_{false};
+  // Handed to every command (CommandContext::stop); requested by shut_down().
+  std::stop_source command_stop_;
   // Guards shut_down_, shutdown_complete_ and accept_thread_.
   std::mutex shutdown_mutex_;
   bool shut_down_ = false;
