@@ -40,6 +40,8 @@ TEST_P(BadCommandLine, OneClearErrorAndNothingLeftBehind) {
   const BadRun& bad = GetParam();
   if (bad.needs_kvm) REQUIRE_KVM();
   const auto dir = std::filesystem::temp_directory_path() / ("vmm-bad-" + std::to_string(::getpid()));
+  // Fresh even when an earlier case failed before it could clean up.
+  std::filesystem::remove_all(dir);
   std::filesystem::create_directories(dir);
   const std::string socket = (dir / "vmm.sock").string();
   std::vector<std::string> args{"run"};
