@@ -3,6 +3,7 @@
 #include <elf.h>
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstring>
@@ -25,6 +26,16 @@ Result<T> read_at(std::span<const uint8_t> bytes, uint64_t offset, std::string_v
   T value;
   std::memcpy(&value, bytes.data() + offset, sizeof(T));
   return value;
+}
+
+// "a FIFO", "a directory", ...: what a non-regular file is, for errors.
+std::string file_type_name(mode_t mode) {
+  if (S_ISDIR(mode)) return "a directory";
+  if (S_ISFIFO(mode)) return "a FIFO";
+  if (S_ISCHR(mode)) return "a character device";
+  if (S_ISBLK(mode)) return "a block device";
+  if (S_ISSOCK(mode)) return "a socket";
+  return "a special file";
 }
 
 constexpr uint64_t align4(uint64_t v) { return (v + 3) & ~uint64_t{3}; }
@@ -53,11 +64,18 @@ std::optional<uint32_t> find_pvh_note(std::span<const uint8_t> notes) {
 }  // namespace
 
 Result<std::vector<uint8_t>> read_file(const std::string& path) {
-  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  // O_NONBLOCK: opening a FIFO (or a device) must not wait for a writer;
+  // only a regular file is read, and for one the flag changes nothing.
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY));
   if (!fd) return fail_errno("cannot open kernel '" + path + "'");
   struct stat st{};
   if (::fstat(fd.get(), &st) != 0) return fail_errno("cannot stat kernel '" + path + "'");
-  if (!S_ISREG(st.st_mode)) return fail("kernel '" + path + "' is not a regular file");
+  if (!S_ISREG(st.st_mode))
+    return fail("kernel '" + path + "' is " + file_type_name(st.st_mode) +
+                ", not a regular file: give the path of a PVH ELF kernel file");
+  const int flags = ::fcntl(fd.get(), F_GETFL);
+  if (flags < 0 || ::fcntl(fd.get(), F_SETFL, flags & ~O_NONBLOCK) != 0)
+    return fail_errno("cannot clear O_NONBLOCK on kernel '" + path + "'");
   constexpr off_t kMaxKernel = 512LL << 20;
   if (st.st_size > kMaxKernel) return fail("kernel '" + path + "' is larger than 512 MiB");
   std::vector<uint8_t> bytes(static_cast<size_t>(st.st_size));

@@ -7,8 +7,12 @@
 //   vmm transfer-target    the new process of a transfer live update
 //   vmm handover-info      the handover formats this binary speaks (JSON)
 #include <fcntl.h>
+#include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cctype>
+#include <charconv>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -18,6 +22,7 @@
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
+#include "luo/session.h"
 #include "base/size.h"
 #include "machine/machine.h"
 #include "update/arrival.h"
@@ -41,25 +46,83 @@ struct CommonOptions {
 struct RunOptions {
   std::string memory = "256M";
   std::string shared_memory = "16M";
-  uint32_t vcpus = 1;
+  std::string vcpus = "1";  // parsed by check_run_options, so a bad count gets our error and exit status
   std::string backing = "guest_memfd";
   std::string kernel;
   std::string cmdline;
   std::string name;
+  // Whether these appeared on the command line: an empty value given on
+  // purpose is refused, not taken for "absent".
+  bool kernel_given = false;
+  bool control_socket_given = false;
+  bool name_given = false;
 };
 
 LaunchOptions launch_options(const CommonOptions& common) {
   return LaunchOptions{common.control_socket, common.console, common.log_level, common.kvm_device};
 }
 
+// A VM name also names its LUO session, the systemd instance of
+// docs/vmm-restore@.service and the files named after it there
+// (/run/vmm/NAME.sock, /var/log/vmm/NAME.console): a path component, never a
+// path, and short enough for the session.
+Result<void> check_vm_name(const std::string& name) {
+  if (name.empty())
+    return fail("--name is empty: give the VM a name, or leave --name out for vm-PID");
+  if (name.size() > luo::kMaxSessionNameLength)
+    return fail(fmt::format("--name '{}' is {} bytes long: the name of the VM names its LUO session, which holds at "
+                            "most {} bytes; use a shorter name",
+                            name, name.size(), luo::kMaxSessionNameLength));
+  const auto is_name_byte = [](char c) {
+    return std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '_' || c == '-';
+  };
+  if (!std::isalnum(static_cast<unsigned char>(name.front())) || !std::ranges::all_of(name, is_name_byte))
+    return fail("--name '" + name + "' cannot name a VM: the name also names its LUO session and files such as "
+                "NAME.sock; use only letters, digits, '.', '_' and '-', starting with a letter or digit");
+  return {};
+}
+
+// What `vmm run` refuses from its options alone, before it builds anything
+// (exit status 2). What only the machine or the host can judge (--memory 0,
+// --vcpus 33, a kernel that is no PVH ELF, a path that cannot be opened) is
+// refused while the VM is built (exit status 1).
+Result<uint32_t> check_run_options(const CommonOptions& common, const RunOptions& options) {
+  if (options.kernel_given && options.kernel.empty())
+    return fail("--kernel is empty: give the path of a PVH ELF kernel, or leave --kernel out to boot the embedded "
+                "test guest");
+  if (common.console.empty())
+    return fail("--console is empty: use stdout, none, or the path of a file");
+  if (common.kvm_device.empty())
+    return fail("--kvm-device is empty: give the path of the KVM device, or leave --kvm-device out for /dev/kvm");
+  if (options.control_socket_given && common.control_socket.empty())
+    return fail("--control-socket is empty: give the path of the socket to create, or leave --control-socket out "
+                "to run without one");
+  constexpr size_t kMaxSocketPath = sizeof(sockaddr_un::sun_path) - 1;
+  if (common.control_socket.size() > kMaxSocketPath)
+    return fail(fmt::format("--control-socket '{}' is {} bytes long: a Unix socket path holds at most {}; use a "
+                            "shorter path, e.g. in /run/vmm",
+                            common.control_socket, common.control_socket.size(), kMaxSocketPath));
+  if (options.name_given) VMM_TRY(check_vm_name(options.name));
+
+  uint32_t vcpus = 0;
+  const char* begin = options.vcpus.data();
+  const char* end = begin + options.vcpus.size();
+  const auto [rest, ec] = std::from_chars(begin, end, vcpus);
+  if (ec != std::errc() || rest != end || options.vcpus.empty())
+    return fail(fmt::format("--vcpus '{}' is not a number of vCPUs: use a whole number from 1 to {}", options.vcpus,
+                            kMaxVcpus));
+  return vcpus;
+}
+
 Result<MachineConfig> machine_config(const CommonOptions& common, const RunOptions& options) {
+  VMM_TRY_ASSIGN(vcpus, check_run_options(common, options));
   MachineConfig config;
-  config.name = options.name.empty() ? "vm-" + std::to_string(::getpid()) : options.name;
+  config.name = options.name_given ? options.name : "vm-" + std::to_string(::getpid());
   VMM_TRY_ASSIGN(ram, parse_size(options.memory, "--memory"));
   VMM_TRY_ASSIGN(shared, parse_size(options.shared_memory, "--shared-memory"));
   config.ram_size = ram;
   config.shared_size = shared;
-  config.vcpus = options.vcpus;
+  config.vcpus = vcpus;
   auto backing = memory::backing_from_string(options.backing);
   if (!backing)
     return fail("--memory-backing '" + options.backing + "' is not one of: guest_memfd, memfd");
@@ -193,6 +256,9 @@ int main(int argc, char** argv) {
     }
     return app.exit(error);
   }
+  run.kernel_given = run_command->count("--kernel") > 0;
+  run.control_socket_given = run_command->count("--control-socket") > 0;
+  run.name_given = run_command->count("--name") > 0;
 
   const auto level = spdlog::level::from_str(common.log_level);
   if (level == spdlog::level::off && common.log_level != "off") {

@@ -1,6 +1,8 @@
 #include "machine/devices/serial.h"
 
 #include <fcntl.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -36,9 +38,42 @@ ConsoleSink ConsoleSink::stdout_sink() {
   return ConsoleSink(UniqueFd(::fcntl(STDOUT_FILENO, F_DUPFD_CLOEXEC, 3)), true);
 }
 
+// The console goes to a regular file (created if missing, appended to), a
+// terminal, or /dev/null. Anything else is refused before it is opened where
+// the path tells: opening a FIFO blocks until a reader comes (and a reader
+// that leaves would kill the vmm with SIGPIPE), a block device would have
+// the guest's output written over its data, and other character devices act
+// on open or write (a watchdog, /dev/mem).
 Result<ConsoleSink> ConsoleSink::file(const std::string& path) {
-  UniqueFd fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644));
+  const std::string fix = ": use a regular file (created if missing, appended to), a terminal, /dev/null, "
+                          "--console none, or --console stdout to pipe the output";
+  auto refuse = [&](mode_t mode) {
+    const char* kind = S_ISFIFO(mode)  ? "a FIFO"
+                       : S_ISSOCK(mode) ? "a socket"
+                       : S_ISDIR(mode)  ? "a directory"
+                       : S_ISBLK(mode)  ? "a block device"
+                       : S_ISCHR(mode)  ? "a character device that is neither a terminal nor /dev/null"
+                                        : "not a regular file";
+    return fail("console '" + path + "' is " + kind + fix);
+  };
+  const auto is_dev_null = [](const struct stat& st) {
+    return S_ISCHR(st.st_mode) && major(st.st_rdev) == 1 && minor(st.st_rdev) == 3;
+  };
+  struct stat before{};
+  if (::stat(path.c_str(), &before) == 0 && !S_ISREG(before.st_mode) && !S_ISCHR(before.st_mode))
+    return refuse(before.st_mode);
+  // O_NONBLOCK so that not even a path swapped for a FIFO after the stat can
+  // block here; O_NOCTTY so that a terminal does not become ours.
+  UniqueFd fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | O_NOCTTY | O_NONBLOCK, 0644));
   if (!fd) return fail_errno("cannot open console file '" + path + "'");
+  struct stat opened{};
+  if (::fstat(fd.get(), &opened) != 0) return fail_errno("cannot stat console file '" + path + "'");
+  if (!S_ISREG(opened.st_mode) && !(S_ISCHR(opened.st_mode) && (::isatty(fd.get()) || is_dev_null(opened))))
+    return refuse(opened.st_mode);
+  // Written like stdout: a terminal that is slow to take output holds the line, nothing is dropped.
+  const int flags = ::fcntl(fd.get(), F_GETFL);
+  if (flags < 0 || ::fcntl(fd.get(), F_SETFL, flags & ~O_NONBLOCK) != 0)
+    return fail_errno("cannot clear O_NONBLOCK on console '" + path + "'");
   return ConsoleSink(std::move(fd), true);
 }
 

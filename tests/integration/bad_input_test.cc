@@ -1,14 +1,17 @@
 // Bad input on the command line and on the control socket: one clear error,
 // a non-zero exit, nothing left behind; the guest keeps running untouched.
+#include <fcntl.h>
 #include <gtest/gtest.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
 
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <thread>
 
+#include "base/unique_fd.h"
 #include "tests/integration/vmm_process.h"
 
 namespace vmm::testing {
@@ -17,10 +20,16 @@ namespace {
 using namespace std::chrono_literals;
 using nlohmann::json;
 
+// Exit statuses of `vmm run` (docs/architecture.md, "Errors as values").
+constexpr int kBadOption = 2;      // refused from the options alone, before anything is built
+constexpr int kMachineRefuses = 1;  // refused by the machine or the host while the VM is built
+
 struct BadRun {
   const char* name;
   std::vector<std::string> args;
   const char* expected;  // a phrase the one error line must contain
+  int status;            // kBadOption or kMachineRefuses
+  bool needs_kvm = false;  // refused only after /dev/kvm is opened
 };
 
 void PrintTo(const BadRun& bad, std::ostream* out) { *out << bad.name; }
@@ -29,7 +38,10 @@ class BadCommandLine : public ::testing::TestWithParam<BadRun> {};
 
 TEST_P(BadCommandLine, OneClearErrorAndNothingLeftBehind) {
   const BadRun& bad = GetParam();
+  if (bad.needs_kvm) REQUIRE_KVM();
   const auto dir = std::filesystem::temp_directory_path() / ("vmm-bad-" + std::to_string(::getpid()));
+  // Fresh even when an earlier case failed before it could clean up.
+  std::filesystem::remove_all(dir);
   std::filesystem::create_directories(dir);
   const std::string socket = (dir / "vmm.sock").string();
   std::vector<std::string> args{"run"};
@@ -40,7 +52,7 @@ TEST_P(BadCommandLine, OneClearErrorAndNothingLeftBehind) {
   args.insert(args.end(), bad.args.begin(), bad.args.end());
   auto [status, err] = ASSERT_OK(VmmProcess::run_to_exit(args));
   EXPECT_TRUE(status.exited);
-  EXPECT_NE(status.code, 0);
+  EXPECT_EQ(status.code, bad.status) << "stderr: " << err;
   EXPECT_NE(err.find(bad.expected), std::string::npos) << "stderr: " << err;
   // One line: the error, nothing else.
   EXPECT_EQ(std::ranges::count(err, '\n'), 1) << "stderr: " << err;
@@ -57,25 +69,108 @@ std::string write_temp_file(const std::string& name, const std::string& content)
 INSTANTIATE_TEST_SUITE_P(
     Cases, BadCommandLine,
     ::testing::Values(
-        BadRun{"ZeroMemory", {"--memory", "0"}, "RAM size is 0"},
-        BadRun{"UnalignedMemory", {"--memory", "1000"}, "page"},
-        BadRun{"MemoryNotASize", {"--memory", "lots"}, "not a size"},
-        BadRun{"MemoryBadSuffix", {"--memory", "12Q"}, "suffix"},
-        BadRun{"MemoryLargerThanHost", {"--memory", "8T"}, "the host cannot provide it"},
-        BadRun{"MemoryLargerThanAddressSpace", {"--memory", "64T"}, "address space"},
-        BadRun{"ZeroVcpus", {"--vcpus", "0"}, "--vcpus"},
-        BadRun{"TooManyVcpus", {"--vcpus", "999"}, "--vcpus"},
-        BadRun{"UnknownBacking", {"--memory-backing", "tmpfs"}, "--memory-backing"},
-        BadRun{"SharedTooLarge", {"--shared-memory", "1G"}, "shared"},
-        BadRun{"SharedSmallerThanTheGuestProtocol", {"--shared-memory", "4K"}, "use at least 8 KiB"},
-        BadRun{"MissingKernel", {"--kernel", "/nonexistent/vmlinux"}, "cannot open kernel"},
-        BadRun{"KernelNotElf", {"--kernel", "/etc/hostname"}, "not an ELF"},
-        BadRun{"KernelNotPvh", {"--kernel", "/bin/true"}, "not a PVH kernel"},
-        BadRun{"NoKvmDevice", {"--kvm-device", "/nonexistent/kvm"}, "/nonexistent/kvm"},
-        BadRun{"SocketDirectoryMissing", {"--control-socket", "/nonexistent/dir/vmm.sock"}, "control socket directory"},
-        BadRun{"BadLogLevel", {"--log-level", "loud"}, "--log-level"},
-        BadRun{"ConsoleFileInMissingDir", {"--console", "/nonexistent/dir/console.log"}, "console"}),
+        BadRun{"ZeroMemory", {"--memory", "0"}, "RAM size is 0", kMachineRefuses},
+        BadRun{"UnalignedMemory", {"--memory", "1000"}, "page", kMachineRefuses},
+        BadRun{"MemoryNotASize", {"--memory", "lots"}, "not a size", kBadOption},
+        BadRun{"MemoryBadSuffix", {"--memory", "12Q"}, "suffix", kBadOption},
+        BadRun{"MemoryInScientificNotation", {"--memory", "1e400"}, "unknown suffix 'e400'", kBadOption},
+        BadRun{"MemoryBeyond64Bits", {"--memory", "18446744073709551616"}, "too large", kBadOption},
+        BadRun{"MemoryBeyond64BitsBySuffix", {"--memory", "16777216T"}, "too large", kBadOption},
+        BadRun{"NegativeMemory", {"--memory", "-1G"}, "not a size", kBadOption},
+        BadRun{"MemoryLargerThanHost", {"--memory", "8T"}, "the host cannot provide it", kMachineRefuses, true},
+        BadRun{"MemoryLargerThanAddressSpace", {"--memory", "64T"}, "address space", kMachineRefuses},
+        BadRun{"ZeroVcpus", {"--vcpus", "0"}, "--vcpus", kMachineRefuses},
+        BadRun{"TooManyVcpus", {"--vcpus", "999"}, "--vcpus", kMachineRefuses},
+        BadRun{"OneVcpuTooMany", {"--vcpus", "33"}, "--vcpus 33 is out of range: use 1 to 32", kMachineRefuses},
+        BadRun{"NegativeVcpus", {"--vcpus", "-1"}, "--vcpus '-1' is not a number of vCPUs", kBadOption},
+        BadRun{"VcpusBeyond32Bits", {"--vcpus", "4294967297"}, "--vcpus '4294967297' is not a number", kBadOption},
+        BadRun{"VcpusNotANumber", {"--vcpus", "two"}, "--vcpus 'two' is not a number", kBadOption},
+        BadRun{"VcpusFraction", {"--vcpus", "1.5"}, "--vcpus '1.5' is not a number", kBadOption},
+        BadRun{"EmptyVcpus", {"--vcpus", ""}, "--vcpus '' is not a number", kBadOption},
+        BadRun{"UnknownBacking", {"--memory-backing", "tmpfs"}, "--memory-backing", kBadOption},
+        BadRun{"SharedTooLarge", {"--shared-memory", "1G"}, "shared", kMachineRefuses},
+        BadRun{"SharedNotASize", {"--shared-memory", "1e400"}, "--shared-memory '1e400'", kBadOption},
+        BadRun{"SharedSmallerThanTheGuestProtocol", {"--shared-memory", "4K"}, "use at least 8 KiB", kMachineRefuses},
+        BadRun{"EmptyKernel", {"--kernel", ""}, "--kernel is empty", kBadOption},
+        BadRun{"MissingKernel", {"--kernel", "/nonexistent/vmlinux"}, "cannot open kernel", kMachineRefuses},
+        BadRun{"KernelNotElf", {"--kernel", "/etc/hostname"}, "not an ELF", kMachineRefuses},
+        BadRun{"KernelNotPvh", {"--kernel", "/bin/true"}, "not a PVH kernel", kMachineRefuses},
+        BadRun{"KernelIsADirectory", {"--kernel", "/"}, "kernel '/' is a directory, not a regular file",
+               kMachineRefuses},
+        BadRun{"KernelIsACharacterDevice", {"--kernel", "/dev/zero"}, "is a character device, not a regular file",
+               kMachineRefuses},
+        BadRun{"CmdlineLongerThanTheBootPage", {"--cmdline", std::string(8000, 'a')},
+               "--cmdline is 8000 bytes; the limit is 4095", kMachineRefuses, true},
+        BadRun{"EmptyKvmDevice", {"--kvm-device", ""}, "--kvm-device is empty", kBadOption},
+        BadRun{"NoKvmDevice", {"--kvm-device", "/nonexistent/kvm"}, "/nonexistent/kvm", kMachineRefuses},
+        BadRun{"EmptyControlSocket", {"--control-socket", ""}, "--control-socket is empty", kBadOption},
+        BadRun{"ControlSocketLongerThanSunPath", {"--control-socket", "/tmp/" + std::string(103, 's')},
+               "is 108 bytes long: a Unix socket path holds at most 107", kBadOption},
+        BadRun{"SocketDirectoryMissing", {"--control-socket", "/nonexistent/dir/vmm.sock"}, "control socket directory",
+               kMachineRefuses},
+        BadRun{"EmptyName", {"--name", ""}, "--name is empty", kBadOption},
+        BadRun{"NameWithSlash", {"--name", "vm/0"}, "--name 'vm/0' cannot name a VM", kBadOption},
+        BadRun{"NameThatIsAParentDirectory", {"--name", ".."}, "--name '..' cannot name a VM", kBadOption},
+        BadRun{"NameWithSpace", {"--name", "vm 0"}, "--name 'vm 0' cannot name a VM", kBadOption},
+        BadRun{"NameLongerThanALuoSession", {"--name", std::string(64, 'n')},
+               "is 64 bytes long: the name of the VM names its LUO session, which holds at most 63", kBadOption},
+        BadRun{"BadLogLevel", {"--log-level", "loud"}, "--log-level", kBadOption},
+        BadRun{"EmptyConsole", {"--console", ""}, "--console is empty", kBadOption},
+        BadRun{"ConsoleFileInMissingDir", {"--console", "/nonexistent/dir/console.log"}, "console", kMachineRefuses},
+        BadRun{"ConsoleIsADirectory", {"--console", "/"}, "console '/' is a directory", kMachineRefuses},
+        BadRun{"ConsoleIsANonTerminalDevice", {"--console", "/dev/zero"},
+               "console '/dev/zero' is a character device that is neither a terminal nor /dev/null",
+               kMachineRefuses}),
     [](const auto& info) { return std::string(info.param.name); });
+
+// A FIFO opens only once its other end does: the vmm must refuse one at
+// once instead of waiting for a writer (kernel) or a reader (console) that
+// may never come.
+class FifoPath : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    path_ = (std::filesystem::temp_directory_path() / ("vmm-fifo-" + std::to_string(::getpid()))).string();
+    std::filesystem::remove(path_);
+    ASSERT_EQ(::mkfifo(path_.c_str(), 0600), 0) << std::strerror(errno);
+  }
+  void TearDown() override { std::filesystem::remove(path_); }
+
+  // Runs `vmm run ARGS`, which must exit at once with one error line containing `expected`.
+  void expect_refused(std::vector<std::string> args, const std::string& expected) {
+    args.insert(args.begin(), "run");
+    auto [status, err] = ASSERT_OK(VmmProcess::run_to_exit(args, 10s));
+    EXPECT_TRUE(status.exited);
+    EXPECT_EQ(status.code, kMachineRefuses) << "stderr: " << err;
+    EXPECT_NE(err.find(expected), std::string::npos) << "stderr: " << err;
+    EXPECT_EQ(std::ranges::count(err, '\n'), 1) << "stderr: " << err;
+  }
+
+  std::string path_;
+};
+
+TEST_F(FifoPath, KernelIsRefusedWithoutWaitingForAWriter) {
+  expect_refused({"--kernel", path_, "--console", "none"}, "kernel '" + path_ + "' is a FIFO, not a regular file");
+}
+
+TEST_F(FifoPath, ConsoleWithoutAReaderIsRefusedWithoutWaitingForOne) {
+  expect_refused({"--console", path_}, "console '" + path_ + "' is a FIFO");
+}
+
+// Even with a reader: one that leaves would kill the vmm (SIGPIPE) and the guest with it.
+TEST_F(FifoPath, ConsoleWithAReaderIsRefusedToo) {
+  UniqueFd reader(::open(path_.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC));
+  ASSERT_TRUE(reader) << std::strerror(errno);
+  expect_refused({"--console", path_}, "console '" + path_ + "' is a FIFO");
+}
+
+// The limits above refuse only what is out of bounds: a name of exactly the
+// LUO limit and /dev/null as the console boot.
+TEST(GoodCommandLine, LongestNameAndDevNullConsoleBoot) {
+  REQUIRE_KVM();
+  auto vm = ASSERT_OK(VmmProcess::launch({"--name", std::string(63, 'n'), "--console", "/dev/null"}));
+  ASSERT_OK(vm.wait_guest([](const json& g) { return g["heartbeat"].get<uint64_t>() > 0; }, 10s));
+  EXPECT_EQ(ASSERT_OK(vm.command("query-status"))["status"], "running");
+}
 
 TEST(BadCommandLineSocket, ExistingSocketPathIsRefusedAndKept) {
   const std::string path = write_temp_file("vmm-existing-" + std::to_string(::getpid()), "not mine");
