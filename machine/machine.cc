@@ -389,22 +389,5 @@ void Machine::vcpu_failed(uint32_t vcpu, const std::string& why) {
   request_shutdown(fmt::format("vCPU {} failed: {}", vcpu, why), false);
 }
 
-Result<UpdateLease> Machine::begin_update() {
-  bool expected = false;
-  if (!updating_.compare_exchange_strong(expected, true)) return fail("a live update is already in progress", EBUSY);
-  return UpdateLease(this);
-}
-
-UpdateLease::~UpdateLease() {
-  if (machine_) machine_->updating_ = false;
-}
-
-Result<std::chrono::microseconds> UpdateLease::pause(std::chrono::milliseconds timeout) {
-  return machine_->pause(timeout);
-}
-
-Result<void> UpdateLease::resume() { return machine_->resume(); }
-
-void UpdateLease::hand_over() { machine_ = nullptr; }
 
 }  // namespace vmm

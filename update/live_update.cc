@@ -121,11 +121,6 @@ control::CommandResult LiveUpdate::run(const json& arguments, const control::Com
   // from here on pause, resume and the commands that need them are refused.
   auto lease = machine_.begin_update();
   if (!lease) return command_error(lease.error().message);
-  if (in_progress_.exchange(true)) return command_error("a live update is already in progress");
-  struct ClearInProgress {
-    std::atomic<bool>& flag;
-    ~ClearInProgress() { flag = false; }
-  } clear{in_progress_};
 
   UpdateRecord record;
   {
@@ -156,8 +151,12 @@ control::CommandResult LiveUpdate::run(const json& arguments, const control::Com
     std::string desc = fmt::format("live update ({}) failed during {}: {}", request.mode, phase, error.describe());
     handover->cancel(handover_context);
     std::string outcome;
-    if (cancelled_ || machine_.run_state() == RunState::shutdown || !machine_.shutdown_reason().empty()) {
-      outcome = "; the vmm is shutting down, so the guest was not resumed";
+    const bool shutting_down =
+        cancelled_ || machine_.run_state() == RunState::shutdown || !machine_.shutdown_reason().empty();
+    if (shutting_down) {
+      // Never "running again": the VM stops with this vmm.
+      outcome = "; the vmm is shutting down (" + machine_.shutdown_reason() +
+                "), so the guest was not resumed and the VM stops with the vmm";
     } else if (paused_by_us) {
       if (auto resumed = lease->resume(); !resumed) {
         outcome = "; the guest could not be resumed (" + resumed.error().describe() + "): it stays paused";
@@ -168,7 +167,7 @@ control::CommandResult LiveUpdate::run(const json& arguments, const control::Com
       outcome = was_running ? "; the guest kept running" : "; the guest stays paused";
     }
     // The old process never writes guest memory during an update.
-    outcome += " and its memory is intact";
+    if (!shutting_down) outcome += " and its memory is intact";
     spdlog::error("{}; the update was cancelled{}", desc, outcome);
     record.status = "failed";
     record.error = desc;

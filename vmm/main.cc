@@ -7,6 +7,7 @@
 //   vmm transfer-target    the new process of a transfer live update
 //   vmm handover-info      the handover formats this binary speaks (JSON)
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -245,6 +246,9 @@ int main(int argc, char** argv) {
         ->capture_default_str();
   }
 
+  // A closed pipe (stdout to `head`, a client gone) is an error to report,
+  // never a reason to kill the vmm and its guest.
+  ::signal(SIGPIPE, SIG_IGN);
   // Logs go to stderr: stdout belongs to the guest console.
   spdlog::set_default_logger(spdlog::stderr_color_mt("vmm"));
   spdlog::set_pattern("[%H:%M:%S.%e] vmm %^%l%$: %v");

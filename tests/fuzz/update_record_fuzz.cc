@@ -1,7 +1,5 @@
 // Fuzzes UpdateRecord::from_json, which reads the update record a previous
-// vmm handed over (update/live_update.h). Kept in its own file, apart from
-// the other targets, because update/ is being rewritten: only this file and
-// its CMake entry follow that change.
+// vmm handed over inside the handover record (update/record.h).
 //
 // Each input is parsed as JSON (unparsable inputs stop there) and given to
 // from_json. Invariant beyond the sanitizers: a record from_json accepts
@@ -12,7 +10,7 @@
 #include <string>
 
 #include "tests/fuzz/fuzz_driver.h"
-#include "update/live_update.h"
+#include "update/record.h"
 
 namespace vmm::fuzz {
 namespace {

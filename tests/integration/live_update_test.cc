@@ -3,6 +3,11 @@
 // failure before the new vmm runs the guest leaves it running on the old one
 // with its memory intact.
 #include <gtest/gtest.h>
+#include <sys/mman.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <cstring>
+#include <optional>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -610,6 +615,114 @@ TEST(FaultInjection, IsUnknownToAProductionVmm) {
     EXPECT_EQ(reply.error().desc, "Parameter 'x-inject' is unexpected for command live-update");
   }
   EXPECT_EQ(ASSERT_OK(vm.command("query-live-update"))["status"], "none");
+}
+
+}  // namespace
+}  // namespace vmm::testing
+
+namespace vmm::testing {
+namespace {
+
+// SIGTERM while a transfer waits for its new process: the update stops
+// waiting, and the reply says what really happens (the VM stops with the
+// vmm), never that the guest runs again.
+TEST(LiveUpdateShutdown, SigtermDuringATransfersPrepareIsReportedTruthfully) {
+  REQUIRE_KVM();
+  auto vm = ASSERT_OK(VmmProcess::launch({}));
+  ASSERT_OK(wait_stamped(vm));
+  // A new vmm that answers the version check at once but takes long to start.
+  const std::string slow = write_script(
+      vm, "slow-vmm", "if [ \"$1\" = transfer-target ]; then sleep 5; fi\nexec " + vmm_binary() + " \"$@\"");
+  std::optional<Result<control::CommandResult>> reply;
+  std::thread update([&] { reply = vm.client().execute("live-update", {{"mode", "transfer"}, {"binary", slow}}); });
+  std::this_thread::sleep_for(1s);
+  const auto signalled = std::chrono::steady_clock::now();
+  vm.signal(SIGTERM);
+  update.join();
+  auto exit = vm.wait_exit(10s);
+  ASSERT_TRUE(exit.has_value()) << "the vmm must exit on SIGTERM during the update";
+  EXPECT_LT(std::chrono::steady_clock::now() - signalled, 5s) << "it stopped waiting for the new process";
+  ASSERT_TRUE(reply.has_value());
+  if (*reply && !(**reply).has_value()) {
+    const std::string& desc = (**reply).error().desc;
+    EXPECT_NE(desc.find("shutting down"), std::string::npos) << desc;
+    EXPECT_EQ(desc.find("running again"), std::string::npos) << desc;
+    EXPECT_EQ(desc.find("memory is intact"), std::string::npos) << desc;
+  } else {
+    // The connection may close before the reply is written; what must never
+    // happen is a success.
+    EXPECT_FALSE(*reply && (**reply).has_value()) << "the update cannot have succeeded";
+  }
+}
+
+// Large payloads: 12 vCPUs' CPUID (beyond one 64 KiB channel message) and a
+// client's request id of 64 KiB cross in every mode.
+TEST(LiveUpdateLimits, TwelveVcpusAndAHugeRequestIdCrossInEveryMode) {
+  REQUIRE_KVM();
+  auto vm = ASSERT_OK(VmmProcess::launch({"--vcpus", "12", "--memory", "128M"}, std::chrono::seconds(60)));
+  ASSERT_OK(wait_stamped(vm));
+  const uint64_t heartbeat = heartbeat_of(ASSERT_OK(vm.command("query-guest")));
+  for (const char* mode : {"transfer", "exec"}) {
+    SCOPED_TRACE(mode);
+    auto reply = ASSERT_OK(live_update(vm, mode));
+    EXPECT_EQ(reply["status"], "completed");
+  }
+  expect_guest_carries_on(vm, heartbeat, 12);
+  // The id comes back exactly, after the VM moved to the new process.
+  auto client = ASSERT_OK(vm.connect());
+  const std::string id(64 * 1024, 'i');
+  for (const char* mode : {"transfer", "exec"}) {
+    SCOPED_TRACE(mode);
+    auto raw = ASSERT_OK(client.request({{"execute", "live-update"}, {"arguments", {{"mode", mode}}}, {"id", id}}));
+    ASSERT_TRUE(raw.contains("return")) << raw.dump().substr(0, 500);
+    EXPECT_EQ(raw["id"], id);
+    ASSERT_SUCCESS(vm.follow(static_cast<pid_t>(raw["return"]["pid"].get<int64_t>())));
+  }
+  EXPECT_EQ(ASSERT_OK(vm.command("query-live-update"))["generation"], 4);
+}
+
+// The new process of a transfer checks the type of every field the old one
+// sends: a wrong one is reported on the channel, never an abort.
+TEST(TransferTarget, WronglyTypedFieldsAreReportedNotThrown) {
+  for (const json& hello : {json{{"kind", "hello"}, {"name", 5}, {"vcpus", 1}, {"prefault", true}, {"regions", json::array()}},
+                            json{{"kind", "hello"}, {"name", "vm"}, {"vcpus", "two"}, {"prefault", true}, {"regions", json::array()}},
+                            json{{"kind", "hello"}, {"name", "vm"}, {"vcpus", 1}, {"prefault", "yes"}, {"regions", json::array()}},
+                            json{{"kind", "hello"}, {"name", "vm"}, {"vcpus", 1}, {"prefault", true}, {"regions", 7}},
+                            json{{"kind", "hello"}, {"name", "vm"}, {"vcpus", 1}, {"prefault", true}, {"regions", json::array()}, {"cpuid", "zz"}},
+                            json{{"kind", 3}}}) {
+    SCOPED_TRACE(hello.dump());
+    int ends[2];
+    ASSERT_EQ(::socketpair(AF_UNIX, SOCK_SEQPACKET, 0, ends), 0);
+    ::fcntl(ends[0], F_SETFD, FD_CLOEXEC);
+    // The message the old vmm would send, with the one file it names (the state memfd).
+    const int state = ::memfd_create("state", MFD_CLOEXEC);
+    ASSERT_GE(state, 0);
+    const std::string text = hello.dump();
+    iovec iov{const_cast<char*>(text.data()), text.size()};
+    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
+    msghdr message{};
+    message.msg_iov = &iov;
+    message.msg_iovlen = 1;
+    message.msg_control = control;
+    message.msg_controllen = sizeof control;
+    cmsghdr* header = CMSG_FIRSTHDR(&message);
+    header->cmsg_level = SOL_SOCKET;
+    header->cmsg_type = SCM_RIGHTS;
+    header->cmsg_len = CMSG_LEN(sizeof(int));
+    std::memcpy(CMSG_DATA(header), &state, sizeof state);
+    ASSERT_EQ(::sendmsg(ends[0], &message, 0), static_cast<ssize_t>(text.size()));
+    ::close(state);
+    auto ran = ASSERT_OK(VmmProcess::run_to_exit({"transfer-target", "--channel-fd", std::to_string(ends[1])}));
+    ::close(ends[1]);
+    EXPECT_TRUE(ran.first.exited) << "killed by signal " << ran.first.code << "\n" << ran.second;
+    EXPECT_EQ(ran.first.code, 1) << ran.second;
+    char answer[4096] = {};
+    const ssize_t n = ::recv(ends[0], answer, sizeof answer - 1, MSG_DONTWAIT);
+    ::close(ends[0]);
+    ASSERT_GT(n, 0) << "the new process must say why on the channel";
+    const json reply = json::parse(std::string(answer, static_cast<size_t>(n)), nullptr, false);
+    EXPECT_EQ(reply.value("kind", ""), "error") << answer;
+  }
 }
 
 }  // namespace
