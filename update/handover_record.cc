@@ -13,6 +13,7 @@
 
 #include <fmt/format.h>
 
+#include "base/memfd.h"
 #include "migration/state_blob.h"
 #include "update/versions.h"
 
@@ -198,37 +199,11 @@ Result<HandoverRecord> decode_handover(std::span<const uint8_t> bytes) {
 
 Result<UniqueFd> write_handover_memfd(const HandoverRecord& record) {
   const std::vector<uint8_t> bytes = encode(record);
-  UniqueFd fd(::memfd_create("vmm-handover", MFD_CLOEXEC | MFD_ALLOW_SEALING));
-  if (!fd) return fail_errno("cannot create the handover record's memfd");
-  size_t done = 0;
-  while (done < bytes.size()) {
-    const ssize_t n = ::pwrite(fd.get(), bytes.data() + done, bytes.size() - done, static_cast<off_t>(done));
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) return fail_errno("cannot write the handover record");
-    done += static_cast<size_t>(n);
-  }
-  if (::fcntl(fd.get(), F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE | F_SEAL_SEAL) != 0)
-    return fail_errno("cannot seal the handover record");
-  return fd;
+  return sealed_memfd("vmm-handover", bytes);
 }
 
 Result<std::vector<uint8_t>> read_handover_memfd(FdRef fd) {
-  struct stat st{};
-  if (::fstat(fd.get(), &st) != 0) return fail_errno("cannot stat the handover record");
-  if (st.st_size < 0 || static_cast<uint64_t>(st.st_size) > kMaxHandoverBytes)
-    return fail(fmt::format("the handover record is {} bytes, more than the {} a record can be", st.st_size,
-                            kMaxHandoverBytes), EPROTO);
-  std::vector<uint8_t> bytes(static_cast<size_t>(st.st_size));
-  size_t done = 0;
-  while (done < bytes.size()) {
-    const ssize_t n = ::pread(fd.get(), bytes.data() + done, bytes.size() - done, static_cast<off_t>(done));
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) return fail_errno("cannot read the handover record");
-    if (n == 0) break;
-    done += static_cast<size_t>(n);
-  }
-  bytes.resize(done);
-  return bytes;
+  return read_whole_file(fd, kMaxHandoverBytes, "the handover record");
 }
 
 // --- versions ---------------------------------------------------------------

@@ -6,28 +6,15 @@
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
+#include "base/memfd.h"
 #include "migration/state_blob.h"
 
 namespace vmm {
 namespace {
 
 constexpr uint32_t kMsrTsc = 0x10;
-
-Result<std::vector<uint8_t>> read_state(FdRef fd) {
-  struct stat st{};
-  if (::fstat(fd.get(), &st) != 0) return fail_errno("cannot stat the state memfd");
-  std::vector<uint8_t> bytes(static_cast<size_t>(st.st_size));
-  size_t done = 0;
-  while (done < bytes.size()) {
-    ssize_t n = ::pread(fd.get(), bytes.data() + done, bytes.size() - done, static_cast<off_t>(done));
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) return fail_errno("cannot read the state memfd");
-    if (n == 0) break;
-    done += static_cast<size_t>(n);
-  }
-  bytes.resize(done);
-  return bytes;
-}
+// Far above any state this vmm writes (tens of KiB per vCPU).
+constexpr size_t kMaxStateBytes = 256u << 20;
 
 }  // namespace
 
@@ -38,7 +25,7 @@ Result<RetrievedVm> retrieve_vm(luo::Session& session, Fault fault) {
   retrieved.vm_fd = std::move(vm_fd);
 
   VMM_TRY_ASSIGN(state_fd, with_context(session.retrieve(kStateToken), "retrieving the saved state (token 2)"));
-  VMM_TRY_ASSIGN(blob, read_state(state_fd.ref()));
+  VMM_TRY_ASSIGN(blob, read_whole_file(state_fd.ref(), kMaxStateBytes, "the state memfd"));
   if (fault == Fault::corrupt_state) {
     // The private copy only: the memfd keeps the good blob for a retry.
     auto header = migration::read_header(blob);

@@ -1,5 +1,7 @@
 #include "update/transfer.h"
 
+#include "base/memfd.h"
+
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/mman.h>
@@ -27,37 +29,6 @@ constexpr size_t kInlineBodyBytes = 48 * 1024;
 // No message of ours comes near this; a peer that sends more is broken.
 constexpr size_t kMaxBodyBytes = 16u << 20;
 
-Result<UniqueFd> body_memfd(const std::string& text) {
-  UniqueFd fd(::memfd_create("vmm-transfer-body", MFD_CLOEXEC | MFD_ALLOW_SEALING));
-  if (!fd) return fail_errno("cannot create a memfd for a large transfer message");
-  size_t done = 0;
-  while (done < text.size()) {
-    const ssize_t n = ::pwrite(fd.get(), text.data() + done, text.size() - done, static_cast<off_t>(done));
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) return fail_errno("cannot write a large transfer message");
-    done += static_cast<size_t>(n);
-  }
-  if (::fcntl(fd.get(), F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE) != 0)
-    return fail_errno("cannot seal a large transfer message");
-  return fd;
-}
-
-Result<std::string> read_body_memfd(FdRef fd) {
-  struct stat st{};
-  if (::fstat(fd.get(), &st) != 0) return fail_errno("cannot stat a large transfer message");
-  if (st.st_size < 0 || static_cast<uint64_t>(st.st_size) > kMaxBodyBytes)
-    return fail(fmt::format("a transfer message of {} bytes is larger than {}", st.st_size, kMaxBodyBytes), EPROTO);
-  std::string text(static_cast<size_t>(st.st_size), '\0');
-  size_t done = 0;
-  while (done < text.size()) {
-    const ssize_t n = ::pread(fd.get(), text.data() + done, text.size() - done, static_cast<off_t>(done));
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) return fail_errno("cannot read a large transfer message");
-    done += static_cast<size_t>(n);
-  }
-  return text;
-}
-
 }  // namespace
 
 Result<void> send(const migration::FdChannel& channel, const std::string& kind, json body,
@@ -66,7 +37,8 @@ Result<void> send(const migration::FdChannel& channel, const std::string& kind, 
   std::string text = body.dump(-1, ' ', false, json::error_handler_t::replace);
   const std::string what = "sending '" + kind + "' to the other vmm";
   if (text.size() <= kInlineBodyBytes) return with_context(channel.send(text, fds), what);
-  VMM_TRY_ASSIGN(memfd, with_context(body_memfd(text), what));
+  const auto* bytes = reinterpret_cast<const uint8_t*>(text.data());
+  VMM_TRY_ASSIGN(memfd, with_context(sealed_memfd("vmm-transfer-body", {bytes, text.size()}), what));
   std::vector<FdRef> all(fds.begin(), fds.end());
   all.push_back(memfd.ref());
   const json envelope = {{"kind", kind}, {"body_in_memfd", true}};
@@ -101,9 +73,9 @@ Result<Message> receive(const migration::FdChannel& channel, const std::string& 
     message.body = json::parse(raw->payload, nullptr, false);
     message.fds = std::move(raw->fds);
     if (message.body.is_object() && message.body.value("body_in_memfd", false) && !message.fds.empty()) {
-      VMM_TRY_ASSIGN(text, read_body_memfd(message.fds.back().ref()));
+      VMM_TRY_ASSIGN(text, read_whole_file(message.fds.back().ref(), kMaxBodyBytes, "a large transfer message"));
       message.fds.pop_back();
-      message.body = json::parse(text, nullptr, false);
+      message.body = json::parse(text.begin(), text.end(), nullptr, false);
     }
     if (message.body.is_discarded() || !message.body.is_object() || !message.body.contains("kind") ||
         !message.body["kind"].is_string())
