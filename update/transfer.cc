@@ -49,13 +49,15 @@ Result<Message> receive(const migration::FdChannel& channel, const std::string& 
                         std::optional<std::chrono::milliseconds> timeout, std::span<const std::string_view> skip,
                         const std::atomic<bool>* cancelled) {
   using namespace std::chrono;
-  const auto deadline = timeout ? std::optional(steady_clock::now() + *timeout) : std::nullopt;
+  // No std::optional here: GCC 12 at -Os warns (maybe-uninitialized) on one.
+  const bool bounded = timeout.has_value();
+  const auto deadline = bounded ? steady_clock::now() + *timeout : steady_clock::time_point::max();
   while (true) {
     // Wait in slices, so a shutdown of this vmm is seen within 100 ms.
     std::optional<milliseconds> slice;
     if (cancelled) slice = milliseconds(100);
-    if (deadline) {
-      const auto left = std::max(milliseconds(0), duration_cast<milliseconds>(*deadline - steady_clock::now()));
+    if (bounded) {
+      const auto left = std::max(milliseconds(0), duration_cast<milliseconds>(deadline - steady_clock::now()));
       slice = slice ? std::min(*slice, left) : left;
     }
     auto raw = channel.receive(slice);
@@ -65,7 +67,7 @@ Result<Message> receive(const migration::FdChannel& channel, const std::string& 
       if (raw.error().code == ETIMEDOUT) {
         if (cancelled && cancelled->load())
           return fail("stopped waiting for '" + expected_kind + "': this vmm is shutting down", ECANCELED);
-        if (!deadline || steady_clock::now() < *deadline) continue;
+        if (!bounded || steady_clock::now() < deadline) continue;
       }
       return std::unexpected(raw.error().with_context("waiting for '" + expected_kind + "'"));
     }

@@ -338,7 +338,7 @@ INSTANTIATE_TEST_SUITE_P(
         PrepareFailure{"KexecWithoutKernelImage", {{"mode", "kexec"}, {"kernel", "/nonexistent/bzImage"}},
                        "cannot open the kexec image '/nonexistent/bzImage'"},
         PrepareFailure{"TransferToAMissingBinary", {{"mode", "transfer"}, {"binary", "/nonexistent/vmm"}},
-                       "cannot start the new vmm '/nonexistent/vmm'"},
+                       "cannot run the new vmm '/nonexistent/vmm'"},
         PrepareFailure{"TransferTargetCannotBuildTheVm", {{"mode", "transfer"}, {"x-inject", "target-refuses"}},
                        "refuses to build the VM"},
         PrepareFailure{"TransferStateLargerThanItsMemfd", {{"mode", "transfer"}, {"x-inject", "state-too-large"}},
