@@ -240,14 +240,24 @@ void LiveUpdate::finish_record(UpdateRecord record) {
 
 void LiveUpdate::watch_after_resume(ResumePoint point) { watch_.start(point); }
 
+namespace {
+
+// What the guest watch found, as the record reports it.
+void apply_findings(const GuestWatch::Findings& found, UpdateRecord& record) {
+  record.guest_gap_us = found.guest_gap_us;
+  record.guest_gap_reason = found.guest_gap_reason;
+  record.brownout_status = found.brownout_status;
+  record.brownout_us = found.brownout_us;
+  record.baseline_pass_us = found.baseline_pass_us;
+  record.brownout_reason = found.brownout_reason;
+}
+
+}  // namespace
+
 void LiveUpdate::publish_watch(const GuestWatch::Findings& found) {
   std::lock_guard lock(record_mutex_);
-  record_.guest_gap_us = found.guest_gap_us;
-  record_.guest_gap_reason = found.guest_gap_reason;
-  record_.brownout_status = found.brownout_status;
-  record_.brownout_us = found.brownout_us;
-  record_.baseline_pass_us = found.baseline_pass_us;
-  record_.brownout_reason = found.brownout_reason;
+  findings_ = found;
+  apply_findings(found, record_);
 }
 
 void LiveUpdate::record_completed(UpdateRecord record) {
@@ -255,12 +265,7 @@ void LiveUpdate::record_completed(UpdateRecord record) {
   {
     std::lock_guard lock(record_mutex_);
     // The watchers may already have measured: keep what they found.
-    record.guest_gap_us = record_.guest_gap_us;
-    record.guest_gap_reason = record_.guest_gap_reason;
-    record.brownout_status = record_.brownout_status;
-    record.brownout_us = record_.brownout_us;
-    record.baseline_pass_us = record_.baseline_pass_us;
-    record.brownout_reason = record_.brownout_reason;
+    apply_findings(findings_, record);
     record_ = std::move(record);
   }
   machine_.emit_event("LIVE_UPDATE", query());

@@ -87,6 +87,7 @@ class LiveUpdate {
   std::atomic<bool> cancelled_{false};
   mutable std::mutex record_mutex_;
   UpdateRecord record_;
+  GuestWatch::Findings findings_;  // the latest the watch published
   // Last: its threads publish into record_, so it stops first.
   GuestWatch watch_;
 };

@@ -5,7 +5,6 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include <thread>
 
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
@@ -37,15 +36,6 @@ void reply_failure(int connection_fd, const json& reply_id, const std::string& d
   if (!reply_id.is_null()) reply["id"] = reply_id;
   const std::string line = reply.dump(-1, ' ', false, json::error_handler_t::replace) + "\n";
   [[maybe_unused]] ssize_t n = ::send(connection_fd, line.data(), line.size(), MSG_NOSIGNAL);
-}
-
-Result<std::unique_ptr<luo::KernelBackend>> open_liveupdate() {
-  const auto deadline = steady_clock::now() + seconds(10);
-  while (true) {
-    auto backend = luo::KernelBackend::open();
-    if (backend || backend.error().code != EBUSY || steady_clock::now() >= deadline) return backend;
-    std::this_thread::sleep_for(milliseconds(50));
-  }
 }
 
 // Holds a retrieved session until an operator decides: closing it (or

@@ -6,7 +6,6 @@
 #include <unistd.h>
 
 #include <optional>
-#include <thread>
 
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
@@ -15,6 +14,7 @@
 #include "luo/kernel_backend.h"
 #include "luo/kexec.h"
 #include "update/handover.h"
+#include "update/restore.h"
 #include "update/state_memfd.h"
 #include "update/versions.h"
 #include "vmm/control/server.h"
@@ -147,17 +147,6 @@ class ExecHandover final : public Handover {
   bool stopped_accepting_ = false;
 };
 
-// /dev/liveupdate is single-open: another vmm's update or restore may hold
-// it for a moment. Wait a little, then say who to look for.
-Result<std::unique_ptr<luo::KernelBackend>> open_liveupdate(const std::atomic<bool>& cancelled) {
-  const auto deadline = steady_clock::now() + seconds(10);
-  while (true) {
-    auto backend = luo::KernelBackend::open();
-    if (backend || backend.error().code != EBUSY || steady_clock::now() >= deadline || cancelled) return backend;
-    std::this_thread::sleep_for(milliseconds(50));
-  }
-}
-
 class KexecHandover final : public Handover {
  public:
   Result<std::span<uint8_t>> prepare(HandoverContext& context) override {
@@ -168,7 +157,7 @@ class KexecHandover final : public Handover {
       UniqueFd file(::open(image->c_str(), O_RDONLY | O_CLOEXEC));
       if (!file) return fail_errno("cannot open the kexec image '" + *image + "'");
     }
-    VMM_TRY_ASSIGN(backend, open_liveupdate(context.cancelled));
+    VMM_TRY_ASSIGN(backend, open_liveupdate(&context.cancelled));
     // Loaded now, while the guest still runs, so the load stays out of the
     // blackout. Like `kexec --reuse-cmdline`, the running kernel's command
     // line is the default.

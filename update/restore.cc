@@ -3,6 +3,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <chrono>
+#include <thread>
+
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
@@ -60,6 +63,17 @@ Result<RetrievedVm> retrieve_vm(luo::Session& session, Fault fault) {
   }
   retrieved.state = std::move(state);
   return retrieved;
+}
+
+Result<std::unique_ptr<luo::KernelBackend>> open_liveupdate(const std::atomic<bool>* cancelled) {
+  using namespace std::chrono;
+  const auto deadline = steady_clock::now() + seconds(10);
+  while (true) {
+    auto backend = luo::KernelBackend::open();
+    if (backend || backend.error().code != EBUSY || steady_clock::now() >= deadline || (cancelled && *cancelled))
+      return backend;
+    std::this_thread::sleep_for(milliseconds(50));
+  }
 }
 
 uint64_t guest_tsc(const migration::SavedState& state) {

@@ -2,11 +2,14 @@
 // files from the LUO session by token and rebuild the VM around them.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "base/result.h"
 #include "base/unique_fd.h"
+#include "luo/kernel_backend.h"
 #include "luo/session.h"
 #include "migration/saved_state.h"
 #include "update/faults.h"
@@ -25,6 +28,11 @@ struct RetrievedVm {
 // the state into private memory and never writes guest memory or the state
 // memfd, so a failed restore can be retried. `fault` injects test failures.
 [[nodiscard]] Result<RetrievedVm> retrieve_vm(luo::Session& session, Fault fault);
+
+// /dev/liveupdate is single-open: another vmm's update or restore may hold
+// it for a moment. Retries EBUSY for up to 10 s (or until `cancelled`),
+// then returns the device's own error, which names who to look for.
+[[nodiscard]] Result<std::unique_ptr<luo::KernelBackend>> open_liveupdate(const std::atomic<bool>* cancelled = nullptr);
 
 // Moves every vCPU's TSC and the kvmclock forward by the time the VM spent
 // frozen, so the guest sees the real time that passed.
