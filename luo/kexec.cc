@@ -64,6 +64,39 @@ Error kexec_load_error(int code) {
 
 }  // namespace
 
+std::optional<bool> kernel_boolean_param(std::string_view cmdline, std::string_view name) {
+  std::optional<bool> value;
+  size_t at = 0;
+  while (at < cmdline.size()) {
+    while (at < cmdline.size() && cmdline[at] == ' ') ++at;
+    // A parameter ends at a space outside double quotes (the kernel's next_arg).
+    size_t end = at;
+    bool quoted = false;
+    while (end < cmdline.size() && (quoted || cmdline[end] != ' ')) {
+      if (cmdline[end] == '"') quoted = !quoted;
+      ++end;
+    }
+    std::string_view word = cmdline.substr(at, end - at);
+    at = end;
+    if (word == "--") break;  // the rest goes to init
+    if (!word.starts_with(name) || word.size() <= name.size() || word[name.size()] != '=') continue;
+    std::string_view text = word.substr(name.size() + 1);
+    if (text.size() >= 2 && text.front() == '"' && text.back() == '"') text = text.substr(1, text.size() - 2);
+    // kstrtobool: the first character decides, except for "on"/"off".
+    if (text.empty()) continue;
+    switch (text[0]) {
+      case 'y': case 'Y': case 't': case 'T': case '1': value = true; break;
+      case 'n': case 'N': case 'f': case 'F': case '0': value = false; break;
+      case 'o': case 'O':
+        if (text.size() >= 2 && (text[1] == 'n' || text[1] == 'N')) value = true;
+        else if (text.size() >= 2 && (text[1] == 'f' || text[1] == 'F')) value = false;
+        break;
+      default: break;
+    }
+  }
+  return value;
+}
+
 KexecSyscalls real_kexec_syscalls() { return KexecSyscalls{&real_kexec_file_load, &real_reboot}; }
 
 Result<std::string> Kexec::current_cmdline(const std::string& path) {
@@ -113,12 +146,29 @@ Result<void> Kexec::check_prerequisites(const std::string& cmdline) const {
                             liveupdate_device_),
                 ENOENT);
   }
-  if (cmdline.find("liveupdate=on") == std::string::npos || cmdline.find("kho=on") == std::string::npos) {
-    return fail(fmt::format("the new kernel's command line '{}' lacks 'kho=on liveupdate=on': the new "
-                            "kernel could not receive the preserved sessions",
-                            cmdline),
+  for (const char* param : {"kho", "liveupdate"}) {
+    if (kernel_boolean_param(cmdline, param).value_or(false)) continue;
+    return fail(fmt::format("the new kernel's command line '{}' does not turn on {} ('{}=on' is missing or "
+                            "overridden): give it 'kho=on liveupdate=on', or the new kernel could not receive "
+                            "the preserved sessions",
+                            cmdline, param, param),
                 EINVAL);
   }
+  return {};
+}
+
+Kexec::~Kexec() {
+  if (!loaded_) return;
+  if (auto unloaded = unload(); !unloaded) spdlog::warn("luo: {}", unloaded.error().describe());
+}
+
+Result<void> Kexec::unload() {
+  if (!loaded_) return {};
+  if (syscalls_.kexec_file_load(-1, -1, 0, nullptr, KEXEC_FILE_UNLOAD) != 0)
+    return fail_errno("cannot unload the staged kexec image (kexec_file_load with KEXEC_FILE_UNLOAD); "
+                      "run 'kexec -u' before the next reboot");
+  loaded_ = false;
+  spdlog::info("luo: unloaded the kexec image");
   return {};
 }
 

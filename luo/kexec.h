@@ -11,6 +11,7 @@
 
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "base/result.h"
@@ -28,6 +29,13 @@ struct KexecSyscalls {
 };
 [[nodiscard]] KexecSyscalls real_kexec_syscalls();
 
+// A boolean kernel parameter as the kernel reads it (early_param and
+// kstrtobool): the last "name=value" wins; y/Y/1/on (and t/T) are true,
+// n/N/0/off (and f/F) false; a bare "name" or another value leaves the
+// default (nullopt). "kho=on", "kho=1" and "kho=y" all enable KHO;
+// "nokho=on" and "xkho=on" are other parameters.
+[[nodiscard]] std::optional<bool> kernel_boolean_param(std::string_view cmdline, std::string_view name);
+
 struct KexecImage {
   std::string kernel_path;                 // the new kernel's bzImage
   std::optional<std::string> initrd_path;  // none: KEXEC_FILE_NO_INITRAMFS
@@ -39,6 +47,11 @@ class Kexec {
   explicit Kexec(KexecSyscalls syscalls = real_kexec_syscalls(),
                  std::string liveupdate_device = "/dev/liveupdate")
       : syscalls_(syscalls), liveupdate_device_(std::move(liveupdate_device)) {}
+  Kexec(const Kexec&) = delete;
+  Kexec& operator=(const Kexec&) = delete;
+  // An image this object loaded and never rebooted into is unloaded: a
+  // cancelled update must not leave a kernel staged for the next reboot.
+  ~Kexec();
 
   // The running kernel's command line (/proc/cmdline), like kexec --reuse-cmdline.
   [[nodiscard]] static Result<std::string> current_cmdline(const std::string& path = "/proc/cmdline");
@@ -56,6 +69,9 @@ class Kexec {
   // unfrozen everything and the VM can resume.
   [[nodiscard]] Result<void> reboot();
 
+  // kexec_file_load(KEXEC_FILE_UNLOAD): /sys/kernel/kexec_loaded reads 0
+  // again. A no-op when nothing was loaded here.
+  [[nodiscard]] Result<void> unload();
   [[nodiscard]] bool loaded() const { return loaded_; }
 
  private:

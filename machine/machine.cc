@@ -2,6 +2,7 @@
 
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <cerrno>
 
 #include <fmt/format.h>
@@ -60,7 +61,47 @@ Result<void> Machine::load_state(const migration::SavedState& state) {
   const auto started = steady_clock::now();
   VMM_TRY(core_.vm.restore(state.vm));
   const auto vm_done = steady_clock::now();
-  VMM_TRY(vcpus_.on_every_vcpu([&](size_t i, kvm::Vcpu& vcpu) { return vcpu.restore(state.vcpus[i]); }));
+  // Each boot calibrates the host TSC anew, so after a kexec the saved rate
+  // can differ from this host's (two TCG boots: ~790 ppm). KVM runs the guest
+  // at the saved rate where it can (TSC scaling; without it, a faster rate by
+  // catching up, or a difference within its 250 ppm tolerance); a slower rate
+  // without scaling fails KVM_SET_TSC_KHZ with EINVAL, and the guest then
+  // keeps this host's rate rather than being lost: its TSC then
+  // ticks that much faster or slower than it calibrated. kvmclock stays right
+  // (KVM derives it from the real rate); a guest timing by the raw TSC drifts
+  // by the difference until it recalibrates.
+  const uint64_t saved_khz = state.vcpus.empty() ? 0 : state.vcpus[0].tsc_khz;
+  std::vector<uint64_t> host_khz(vcpus_.size(), 0);
+  VMM_TRY(vcpus_.on_every_vcpu([&](size_t i, kvm::Vcpu& vcpu) -> Result<void> {
+    const uint64_t wanted = state.vcpus[i].tsc_khz;
+    if (wanted == 0) return {};
+    VMM_TRY_ASSIGN(current, vcpu.get_tsc_khz());
+    if (current == wanted) return {};
+    auto set = vcpu.set_tsc_khz(wanted);
+    if (set) return {};
+    if (set.error().code != EINVAL) return set;
+    host_khz[i] = current;
+    return {};
+  }));
+  const bool at_host_rate = std::ranges::any_of(host_khz, [](uint64_t khz) { return khz != 0; });
+  tsc_rate_change_.reset();
+  if (at_host_rate) {
+    const uint64_t khz = *std::ranges::max_element(host_khz);
+    tsc_rate_change_ = TscRateChange{saved_khz, khz};
+    const double ppm = saved_khz ? (static_cast<double>(khz) - static_cast<double>(saved_khz)) * 1e6 /
+                                       static_cast<double>(saved_khz)
+                                 : 0;
+    spdlog::warn("the guest's TSC ran at {} kHz, this host's runs at {} kHz ({:+.0f} ppm) and KVM cannot scale it "
+                 "(no TSC scaling, outside its tolerance): the guest keeps running at {} kHz; kvmclock stays "
+                 "right, a guest timing by the raw TSC drifts by {:+.0f} ppm until it recalibrates",
+                 saved_khz, khz, ppm, khz, ppm);
+  }
+  VMM_TRY(vcpus_.on_every_vcpu([&](size_t i, kvm::Vcpu& vcpu) -> Result<void> {
+    if (host_khz[i] == 0) return vcpu.restore(state.vcpus[i]);
+    kvm::VcpuState at_this_rate = state.vcpus[i];
+    at_this_rate.tsc_khz = 0;  // leave the rate as it is
+    return vcpu.restore(at_this_rate);
+  }));
   spdlog::debug("state loaded: VM {} us, {} vCPU(s) {} us", duration_cast<microseconds>(vm_done - started).count(),
                 state.vcpus.size(), duration_cast<microseconds>(steady_clock::now() - vm_done).count());
 
@@ -68,7 +109,7 @@ Result<void> Machine::load_state(const migration::SavedState& state) {
   devices_->guest().restore(state.test_device);
   // The test guest's vCPU count and TSC rate as the VMM knows them, not as
   // the (guest-writable) shared region says.
-  devices_->guest().adopt(config_.vcpus, state.vcpus.empty() ? 0 : state.vcpus[0].tsc_khz);
+  devices_->guest().adopt(config_.vcpus, tsc_rate_change_ ? tsc_rate_change_->khz : saved_khz);
   return {};
 }
 

@@ -52,7 +52,7 @@ struct MachineConfig {
 // What a restore builds a VM from: a new, empty VM, the files of every memory
 // region (in the order of state.memory) and the saved state.
 struct RestoreInputs {
-  UniqueFd vm_fd;
+  UniqueFd vm_fd;  // invalid: a new VM is created (the memory is all memfd)
   std::vector<UniqueFd> region_files;
   memory::SlotKind guest_memfd_slot_kind = memory::SlotKind::guest_memfd;
   migration::SavedState state;
@@ -138,6 +138,12 @@ class Machine final : public VcpuExitHandler {
   // Loads saved state into a VM from prebuild() whose layout and vCPU count
   // match it; only while paused, and the vCPUs stay parked (resume() runs them).
   [[nodiscard]] Result<void> load_state(const migration::SavedState& state);
+  // After load_state(): the saved TSC rate and the one the guest now runs at,
+  // when they differ (see load_state in machine.cc); nullopt when the same.
+  struct TscRateChange {
+    uint64_t saved_khz = 0, khz = 0;
+  };
+  [[nodiscard]] std::optional<TscRateChange> tsc_rate_change() const { return tsc_rate_change_; }
 
   // The VM's whole state (VM, vCPUs, devices, memory layout); only while
   // paused (needs no lease). Region tokens are left for the caller to fill in.
@@ -229,6 +235,7 @@ class Machine final : public VcpuExitHandler {
   MachineConfig config_;
   VmCore core_;
   UniqueFd shutdown_event_;
+  std::optional<TscRateChange> tsc_rate_change_;  // written only by load_state, vCPUs parked
   std::unique_ptr<DeviceSet> devices_;
   VcpuSet vcpus_;  // after the devices: its threads go first
 

@@ -180,7 +180,7 @@ Result<std::unique_ptr<Machine>> MachineBuilder::build(MachineConfig config, Mem
   VMM_TRY_ASSIGN(console, open_console(config));
   VMM_TRY_ASSIGN(host, open_host(config));
   std::optional<kvm::Vm> vm;
-  if (retrieved) {
+  if (retrieved && retrieved->vm_fd) {
     vm.emplace(std::move(retrieved->vm_fd), host.system.vcpu_mmap_size());
   } else {
     VMM_TRY_ASSIGN(created, host.system.create_vm());

@@ -50,6 +50,15 @@ struct HandoverContext {
   const std::atomic<bool>& cancelled;      // the vmm is shutting down: give up waiting
 };
 
+// What prepare() sets up for the freeze.
+struct PreparedHandover {
+  std::span<uint8_t> state_buffer;  // the saved state goes here
+  // The VM fd's token in the mode's LUO session; 0 when the VM is not in it
+  // (a kernel without a KVM LUO handler): the new side then builds a new VM
+  // around the memory files.
+  uint64_t vm_luo_token = 0;
+};
+
 class Handover {
  public:
   Handover() = default;
@@ -57,7 +66,7 @@ class Handover {
   Handover& operator=(const Handover&) = delete;
   virtual ~Handover() = default;
 
-  [[nodiscard]] virtual Result<std::span<uint8_t>> prepare(HandoverContext& context) = 0;
+  [[nodiscard]] virtual Result<PreparedHandover> prepare(HandoverContext& context) = 0;
   // The state is in the buffer prepare returned, `state_bytes` long.
   [[nodiscard]] virtual Result<void> hand_over(HandoverContext& context, size_t state_bytes) = 0;
   virtual void cancel(HandoverContext& context) = 0;

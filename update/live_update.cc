@@ -7,6 +7,7 @@
 #include <spdlog/spdlog.h>
 
 #include "migration/state_blob.h"
+#include "update/kexec_support.h"
 #include "update/versions.h"
 #include "vmm/control/server.h"
 
@@ -46,6 +47,19 @@ LiveUpdate::~LiveUpdate() { watch_.stop(); }
 json LiveUpdate::query() const {
   std::lock_guard lock(record_mutex_);
   return record_.to_json();
+}
+
+json LiveUpdate::kexec_capability() const {
+  auto support = kexec_support(launch_.kvm_device, seconds(1), &cancelled_);
+  if (!support) return {{"error", support.error().describe()}};
+  json out = support->to_json();
+  if (auto ready = check_kexec_support(*support, machine_); ready) {
+    out["this_vm"] = "ready";
+  } else {
+    out["this_vm"] = "refused";
+    out["refusal"] = ready.error().describe();
+  }
+  return out;
 }
 
 void LiveUpdate::cancel() { cancelled_ = true; }
@@ -171,14 +185,17 @@ control::CommandResult LiveUpdate::run(const json& arguments, const control::Com
     spdlog::error("{}; the update was cancelled{}", desc, outcome);
     record.status = "failed";
     record.error = desc;
+    // The phase it stopped in is kept, with the time it ran.
+    record.add_phase(phase, steady_clock::now() - phase_started);
+    record.failed_phase = phase;
     machine_.emit_event("LIVE_UPDATE", {{"status", "failed"}, {"phase", phase}, {"error", desc}});
     finish_record(record);
     return command_error(desc + outcome);
   };
 
   // --- prepare: the guest keeps running -------------------------------------
-  auto buffer = handover->prepare(handover_context);
-  if (!buffer) return failed(buffer.error());
+  auto prepared = handover->prepare(handover_context);
+  if (!prepared) return failed(prepared.error());
   if (cancelled_) return failed(Error{ECANCELED, "the vmm is shutting down"});
   phase_done();
 
@@ -198,16 +215,16 @@ control::CommandResult LiveUpdate::run(const json& arguments, const control::Com
   metadata.saved_at_realtime_ns = static_cast<uint64_t>(realtime_ns());
   metadata.host_monotonic_ns_at_save = static_cast<uint64_t>(monotonic_ns());
   metadata.was_running = was_running;
-  metadata.vm_luo_token = kVmToken;
+  metadata.vm_luo_token = prepared->vm_luo_token;
   for (const auto& msr : state->vcpus.front().msrs)
     if (msr.index == kMsrTsc) metadata.guest_tsc_at_save = msr.data;
   for (size_t i = 0; i < state->memory.size(); ++i) {
     auto& ref = state->memory[i];
     ref.luo_token = kFirstRegionToken + i;
-    ref.vm_token = ref.spec.backing == memory::Backing::guest_memfd ? kVmToken : 0;
+    ref.vm_token = ref.spec.backing == memory::Backing::guest_memfd ? prepared->vm_luo_token : 0;
   }
   const auto encode_begin = steady_clock::now();
-  auto written = migration::encode_into(*state, *buffer);
+  auto written = migration::encode_into(*state, prepared->state_buffer);
   if (!written) return failed(written.error());
   spdlog::debug("live update: encoded the state in {} us",
                 duration_cast<microseconds>(steady_clock::now() - encode_begin).count());

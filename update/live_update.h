@@ -52,6 +52,10 @@ class LiveUpdate {
   void set_control_server(control::Server* server) { server_ = server; }
   [[nodiscard]] bool in_progress() const { return machine_.update_in_progress(); }
   [[nodiscard]] nlohmann::json query() const;
+  // What a kexec live update of this VM can do on this kernel
+  // (kexec_support.h): probed once per process, so a management tool can
+  // decide before it asks. Waits at most a second for a busy /dev/liveupdate.
+  [[nodiscard]] nlohmann::json kexec_capability() const;
 
   // live-update: runs prepare, freeze and handover on the caller's thread.
   // An exec that succeeds never returns, and a transfer that succeeds marks

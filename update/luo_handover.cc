@@ -14,6 +14,7 @@
 #include "luo/kernel_backend.h"
 #include "luo/kexec.h"
 #include "update/handover.h"
+#include "update/kexec_support.h"
 #include "update/restore.h"
 #include "update/state_memfd.h"
 #include "update/versions.h"
@@ -24,17 +25,18 @@ namespace {
 
 using namespace std::chrono;
 
-// The session every LUO mode fills before the pause: the VM fd, every
-// memory region's file and the pre-sized state memfd, each under its token.
+// The session every LUO mode fills before the pause: the VM fd (where the
+// backend can carry it), every memory region's file and the pre-sized state
+// memfd, each under its token.
 struct LuoSession {
   std::unique_ptr<luo::Session> session;
   StateMemfd state;
 
-  Result<void> fill(luo::Backend& backend, HandoverContext& context) {
+  Result<PreparedHandover> fill(luo::Backend& backend, HandoverContext& context, bool preserve_vm) {
     Machine& machine = context.machine;
     VMM_TRY_ASSIGN(created, backend.create_session(machine.config().name));
     session = std::move(created);
-    VMM_TRY(with_context(session->preserve(machine.vm_fd(), kVmToken), "preserving the VM"));
+    if (preserve_vm) VMM_TRY(with_context(session->preserve(machine.vm_fd(), kVmToken), "preserving the VM"));
     const auto& regions = machine.memory().regions();
     for (size_t i = 0; i < regions.size(); ++i)
       VMM_TRY(with_context(session->preserve(regions[i]->fd(), kFirstRegionToken + i),
@@ -47,7 +49,7 @@ struct LuoSession {
     const bool too_small = context.request.faults.fault == Fault::state_too_large;
     VMM_TRY(state.create(too_small ? 4096 : state_memfd_size(machine.config().vcpus, machine.memory().regions().size())));
     VMM_TRY(with_context(session->preserve(state.fd.ref(), kStateToken), "preserving the state memfd"));
-    return {};
+    return PreparedHandover{state.mapping.bytes(), preserve_vm ? kVmToken : 0};
   }
 
   // An outgoing session dropped before the handover is cancelled.
@@ -73,7 +75,7 @@ HandoverRecord base_record(HandoverContext& context) {
 
 class ExecHandover final : public Handover {
  public:
-  Result<std::span<uint8_t>> prepare(HandoverContext& context) override {
+  Result<PreparedHandover> prepare(HandoverContext& context) override {
     // Before anything is preserved: can the new binary read what we hand it?
     // A binary of other handover versions, or not a vmm at all, is refused
     // here, with the guest still running.
@@ -82,8 +84,8 @@ class ExecHandover final : public Handover {
       VMM_TRY(check_compatible(this_binary_versions(), theirs, "exec"));
     }
     backend_ = luo::ExecBackend::create();
-    VMM_TRY(session_.fill(*backend_, context));
-    return session_.state.mapping.bytes();
+    // The exec backend carries every kind of file, the VM fd included.
+    return session_.fill(*backend_, context, true);
   }
 
   Result<void> hand_over(HandoverContext& context, size_t) override {
@@ -149,7 +151,7 @@ class ExecHandover final : public Handover {
 
 class KexecHandover final : public Handover {
  public:
-  Result<std::span<uint8_t>> prepare(HandoverContext& context) override {
+  Result<PreparedHandover> prepare(HandoverContext& context) override {
     const UpdateRequest& request = context.request;
     // The new kernel must be at hand before anything is preserved.
     for (const std::string* image : {&request.kernel, &request.initrd}) {
@@ -157,6 +159,10 @@ class KexecHandover final : public Handover {
       UniqueFd file(::open(image->c_str(), O_RDONLY | O_CLOEXEC));
       if (!file) return fail_errno("cannot open the kexec image '" + *image + "'");
     }
+    // What this kernel can carry, before anything is loaded or preserved: a
+    // VM it cannot carry is refused here, with the guest running.
+    VMM_TRY_ASSIGN(support, kexec_support(context.launch.kvm_device, seconds(10), &context.cancelled));
+    VMM_TRY(check_kexec_support(support, context.machine));
     VMM_TRY_ASSIGN(backend, open_liveupdate(&context.cancelled));
     // Loaded now, while the guest still runs, so the load stays out of the
     // blackout. Like `kexec --reuse-cmdline`, the running kernel's command
@@ -169,11 +175,13 @@ class KexecHandover final : public Handover {
     VMM_TRY(kexec_.load(luo::KexecImage{request.kernel,
                                         request.initrd.empty() ? std::nullopt : std::optional(request.initrd),
                                         cmdline}));
-    VMM_TRY(session_.fill(*backend, context));
+    // A kernel without a KVM LUO handler (mainline 7.x) gets no VM fd: the
+    // new kernel's vmm builds a new VM around the memfds, as after an exec.
+    VMM_TRY_ASSIGN(prepared, session_.fill(*backend, context, support.vm_fd.preservable));
     // The session lives as long as its own descriptor: the device is not
     // needed again, and another vmm may want it (it is single-open).
     backend.reset();
-    return session_.state.mapping.bytes();
+    return prepared;
   }
 
   Result<void> hand_over(HandoverContext& context, size_t) override {
@@ -191,6 +199,8 @@ class KexecHandover final : public Handover {
   void cancel(HandoverContext&) override {
     session_.release();
     record_fd_.reset();
+    // Nothing may stay staged for the next reboot (kexec_loaded reads 0).
+    if (auto unloaded = kexec_.unload(); !unloaded) spdlog::error("live update: {}", unloaded.error().describe());
   }
 
   pid_t successor() const override { return ::getpid(); }

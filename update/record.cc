@@ -38,6 +38,11 @@ json UpdateRecord::to_json() const {
   if (guest_gap_us) out["guest_gap_us"] = *guest_gap_us;
   if (guest_gap_reason) out["guest_gap_reason"] = *guest_gap_reason;
   if (error) out["error"] = *error;
+  if (failed_phase) out["failed_phase"] = *failed_phase;
+  if (tsc_khz) {
+    out["tsc"] = {{"saved_khz", tsc_saved_khz.value_or(0)}, {"khz", *tsc_khz}};
+    if (tsc_note) out["tsc"]["note"] = *tsc_note;
+  }
   if (pid) out["pid"] = *pid;
   if (brownout_status) out["brownout_status"] = *brownout_status;
   if (brownout_us) out["brownout_us"] = *brownout_us;
@@ -74,10 +79,12 @@ Result<UpdateRecord> UpdateRecord::from_json(const json& in) {
   }
   VMM_TRY_ASSIGN(blackout, optional_field<int64_t>(in, "blackout_us"));
   VMM_TRY_ASSIGN(error, optional_field<std::string>(in, "error"));
+  VMM_TRY_ASSIGN(failed_phase, optional_field<std::string>(in, "failed_phase"));
   VMM_TRY_ASSIGN(blackout_started, optional_field<int64_t>(in, "blackout_started_ns"));
   VMM_TRY_ASSIGN(handover_started, optional_field<int64_t>(in, "handover_started_ns"));
   record.blackout_us = blackout;
   record.error = error;
+  record.failed_phase = failed_phase;
   record.blackout_started_ns = blackout_started.value_or(0);
   record.handover_started_ns = handover_started.value_or(0);
   return record;

@@ -37,6 +37,11 @@ struct UpdateRecord {
   std::optional<int64_t> baseline_pass_us;
   std::optional<std::string> brownout_reason;
   std::optional<std::string> error;
+  std::optional<std::string> failed_phase;  // the phase a failed update stopped in (listed last in phases)
+  // The guest's TSC rate across a kexec, when the new host's differs (each
+  // boot calibrates anew) and KVM cannot scale to the saved rate.
+  std::optional<uint64_t> tsc_saved_khz, tsc_khz;
+  std::optional<std::string> tsc_note;
   // The vmm process that runs the VM after a completed update (a transfer
   // moves the VM to a new process; exec and kexec keep or restart the pid).
   std::optional<int64_t> pid;

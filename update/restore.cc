@@ -23,10 +23,9 @@ constexpr size_t kMaxStateBytes = 256u << 20;
 
 Result<RetrievedVm> retrieve_vm(luo::Session& session, Fault fault) {
   RetrievedVm retrieved;
-  // The VM first: its guest_memfds are re-bound to it as they are retrieved.
-  VMM_TRY_ASSIGN(vm_fd, with_context(session.retrieve(kVmToken), "retrieving the VM (token 1)"));
-  retrieved.vm_fd = std::move(vm_fd);
-
+  // The state first: a corrupt one fails before anything else is retrieved
+  // (a retrieved KVM VM is usable only by the process that retrieved it, so
+  // a second `vmm restore` could not use it after this one gave up).
   VMM_TRY_ASSIGN(state_fd, with_context(session.retrieve(kStateToken), "retrieving the saved state (token 2)"));
   VMM_TRY_ASSIGN(blob, read_whole_file(state_fd.ref(), kMaxStateBytes, "the state memfd"));
   if (fault == Fault::corrupt_state) {
@@ -36,22 +35,33 @@ Result<RetrievedVm> retrieve_vm(luo::Session& session, Fault fault) {
     if (at < blob.size()) blob[at] ^= 0x5a;
   }
   VMM_TRY_ASSIGN(state, with_context(migration::decode(blob), "the saved state is unusable"));
-  if (state.metadata.vm_luo_token != kVmToken)
-    return fail(fmt::format("the saved state names VM token {} but the VM was retrieved under token {}",
-                            state.metadata.vm_luo_token, kVmToken), EINVAL);
+  const uint64_t vm_token = state.metadata.vm_luo_token;
+  if (vm_token != 0 && vm_token != kVmToken)
+    return fail(fmt::format("the saved state names VM token {}, but this vmm puts the VM under token {}", vm_token,
+                            kVmToken), EINVAL);
+  // Then the VM, before its guest_memfds (which are re-bound to it as they
+  // are retrieved). Token 0: the kernel could not carry the VM fd (no KVM
+  // LUO handler); the VM is built anew around the memfds.
+  if (vm_token != 0) {
+    VMM_TRY_ASSIGN(vm_fd, with_context(session.retrieve(vm_token), "retrieving the VM (token 1)"));
+    retrieved.vm_fd = std::move(vm_fd);
+  }
 
   bool first_region = true;
   for (const auto& ref : state.memory) {
     uint64_t token = ref.luo_token;
-    uint64_t vm_token = ref.vm_token;
+    uint64_t region_vm_token = ref.vm_token;
     if (first_region && fault == Fault::wrong_token) token += 0x1000;
     if (first_region && fault == Fault::wrong_vm_token && ref.spec.backing == memory::Backing::guest_memfd)
-      vm_token += 1;
+      region_vm_token += 1;
     first_region = false;
-    if (ref.spec.backing == memory::Backing::guest_memfd && vm_token != kVmToken)
+    if (ref.spec.backing == memory::Backing::guest_memfd && vm_token == 0)
+      return fail(fmt::format("memory region '{}' is a guest_memfd, but the session holds no VM to bind it to "
+                              "(a guest_memfd binds only to the VM it was preserved with)", ref.spec.name), EINVAL);
+    if (ref.spec.backing == memory::Backing::guest_memfd && region_vm_token != vm_token)
       return fail(fmt::format("memory region '{}' is a guest_memfd of the VM with token {}, but this "
                               "session's VM has token {}: refusing to bind it to the wrong VM",
-                              ref.spec.name, vm_token, kVmToken), EINVAL);
+                              ref.spec.name, region_vm_token, vm_token), EINVAL);
     VMM_TRY_ASSIGN(file, with_context(session.retrieve(token),
                                       fmt::format("retrieving memory region '{}' (token {})", ref.spec.name, token)));
     struct stat st{};
@@ -65,9 +75,10 @@ Result<RetrievedVm> retrieve_vm(luo::Session& session, Fault fault) {
   return retrieved;
 }
 
-Result<std::unique_ptr<luo::KernelBackend>> open_liveupdate(const std::atomic<bool>* cancelled) {
+Result<std::unique_ptr<luo::KernelBackend>> open_liveupdate(const std::atomic<bool>* cancelled,
+                                                            std::chrono::milliseconds busy_wait) {
   using namespace std::chrono;
-  const auto deadline = steady_clock::now() + seconds(10);
+  const auto deadline = steady_clock::now() + busy_wait;
   while (true) {
     auto backend = luo::KernelBackend::open();
     if (backend || backend.error().code != EBUSY || steady_clock::now() >= deadline || (cancelled && *cancelled))

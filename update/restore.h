@@ -3,6 +3,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -18,21 +19,24 @@
 namespace vmm {
 
 struct RetrievedVm {
-  UniqueFd vm_fd;                      // a new, empty VM
+  UniqueFd vm_fd;                      // a new, empty VM; invalid: none was preserved
   std::vector<UniqueFd> region_files;  // in the order of state.memory
   migration::SavedState state;
 };
 
-// Retrieves the VM first, then the state, then every region by the token the
-// state names, refusing a guest_memfd whose VM token is not the VM's. Reads
+// Retrieves the state first, then the VM (when the state says it was
+// preserved), then every region by the token the state names, refusing a
+// guest_memfd whose VM token is not the VM's. Reads
 // the state into private memory and never writes guest memory or the state
 // memfd, so a failed restore can be retried. `fault` injects test failures.
 [[nodiscard]] Result<RetrievedVm> retrieve_vm(luo::Session& session, Fault fault);
 
 // /dev/liveupdate is single-open: another vmm's update or restore may hold
-// it for a moment. Retries EBUSY for up to 10 s (or until `cancelled`),
-// then returns the device's own error, which names who to look for.
-[[nodiscard]] Result<std::unique_ptr<luo::KernelBackend>> open_liveupdate(const std::atomic<bool>* cancelled = nullptr);
+// it for a moment. Retries EBUSY for up to `busy_wait` (or until
+// `cancelled`), then returns the device's own error, which names who to
+// look for.
+[[nodiscard]] Result<std::unique_ptr<luo::KernelBackend>> open_liveupdate(
+    const std::atomic<bool>* cancelled = nullptr, std::chrono::milliseconds busy_wait = std::chrono::seconds(10));
 
 // Moves every vCPU's TSC and the kvmclock forward by the time the VM spent
 // frozen, so the guest sees the real time that passed.

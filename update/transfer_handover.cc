@@ -24,7 +24,7 @@ constexpr std::string_view kPrefaulted = "prefaulted";
 
 class TransferHandover final : public Handover {
  public:
-  Result<std::span<uint8_t>> prepare(HandoverContext& context) override {
+  Result<PreparedHandover> prepare(HandoverContext& context) override {
     Machine& machine = context.machine;
     const UpdateRequest& request = context.request;
     if (request.faults.fault != Fault::skip_version_check) {
@@ -72,7 +72,8 @@ class TransferHandover final : public Handover {
       context.server->stop_accepting();
       stopped_accepting_ = true;
     }
-    return state_.mapping.bytes();
+    // No LUO session: the memory files cross in the hello.
+    return PreparedHandover{state_.mapping.bytes(), 0};
   }
 
   Result<void> hand_over(HandoverContext& context, size_t state_bytes) override {

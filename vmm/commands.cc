@@ -6,6 +6,8 @@
 
 #include <fmt/format.h>
 
+#include "base/pagemap.h"
+
 namespace vmm {
 namespace {
 
@@ -77,13 +79,17 @@ MachineCommands::MachineCommands(Machine& machine, LiveUpdate& update) : machine
       return generic_error(quitting.error().describe());
     return json::object();
   });
-  add("query-memory", {}, [this](const json&, const auto&) { return query_memory(); });
+  add("query-memory", {"sample-frames"}, [this](const json& args, const auto&) { return query_memory(args); });
   add("query-vcpus", {}, [this](const json&, const auto&) { return query_vcpus(); });
   add("query-guest", {}, [this](const json&, const auto&) { return query_guest(); });
   add("guest-verify", {"timeout"},
       [this](const json& args, const control::CommandContext& context) { return guest_verify(args, context.stop); });
   add("query-memory-hash", {}, [this](const json&, const auto&) { return query_memory_hash(); });
-  add("query-live-update", {}, [this](const json&, const auto&) -> control::CommandResult { return update_.query(); });
+  add("query-live-update", {}, [this](const json&, const auto&) -> control::CommandResult {
+    json out = update_.query();
+    out["kexec"] = update_.kexec_capability();
+    return out;
+  });
   add("live-update", {}, [this](const json& args, const control::CommandContext& context) {
     return update_.run(args, context);
   });
@@ -133,16 +139,42 @@ control::CommandResult MachineCommands::query_status() {
   return json{{"status", to_string(state)}, {"running", state == RunState::running}};
 }
 
-control::CommandResult MachineCommands::query_memory() {
+control::CommandResult MachineCommands::query_memory(const json& arguments) {
+  // sample-frames: the physical frames of that many pages per region, to
+  // compare before and after an update (a kexec changes the inode, not the
+  // pages). Visible to a root vmm only.
+  size_t frames = 0;
+  if (arguments.contains("sample-frames")) {
+    const json& value = arguments["sample-frames"];
+    if (!value.is_number_unsigned() || value.get<uint64_t>() > 64)
+      return generic_error("Parameter 'sample-frames' expects a number of pages per region, at most 64");
+    frames = value.get<size_t>();
+  }
   json regions = json::array();
-  for (const auto& region : machine_.memory_info()) {
-    regions.push_back({{"name", region.name},
-                       {"gpa", region.gpa},
-                       {"size", region.size},
-                       {"backing", memory::to_string(region.backing)},
-                       {"slot", memory::to_string(region.slot_kind)},
-                       {"inode", region.inode},
-                       {"device", region.device}});
+  const auto infos = machine_.memory_info();
+  const auto& live = machine_.memory().regions();
+  for (size_t i = 0; i < infos.size(); ++i) {
+    const auto& region = infos[i];
+    json out = {{"name", region.name},
+                {"gpa", region.gpa},
+                {"size", region.size},
+                {"backing", memory::to_string(region.backing)},
+                {"slot", memory::to_string(region.slot_kind)},
+                {"inode", region.inode},
+                {"device", region.device}};
+    if (frames > 0 && i < live.size()) {
+      auto sampled = sample_frames(live[i]->bytes(), frames);
+      if (!sampled) return generic_error(sampled.error().describe());
+      json list = json::array();
+      bool visible = false;
+      for (const auto& sample : *sampled) {
+        list.push_back({{"offset", sample.offset}, {"pfn", sample.pfn}});
+        visible = visible || sample.pfn != 0;
+      }
+      out["frames"] = list;
+      out["frames_visible"] = visible;
+    }
+    regions.push_back(out);
   }
   return regions;
 }

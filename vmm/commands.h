@@ -28,7 +28,7 @@ class MachineCommands final : public control::CommandHandler {
   void add(std::string name, std::vector<std::string> allowed_arguments, Command command);
 
   control::CommandResult query_status();
-  control::CommandResult query_memory();
+  control::CommandResult query_memory(const nlohmann::json& arguments);
   control::CommandResult query_vcpus();
   control::CommandResult query_memory_hash();
   control::CommandResult query_guest();

@@ -138,10 +138,20 @@ int complete(Arrival arrival, FdRef signals) {
   if (arrival.after_resume) arrival.after_resume(record);
   runtime.update->watch_after_resume(arrival.resume_point);
 
+  record.tsc_saved_khz.reset();
+  record.tsc_khz.reset();
+  record.tsc_note.reset();
+  if (auto tsc = runtime.machine->tsc_rate_change()) {
+    record.tsc_saved_khz = tsc->saved_khz;
+    record.tsc_khz = tsc->khz;
+    record.tsc_note = "this host's TSC rate differs from the saved one and KVM cannot scale it: the guest's TSC now "
+                      "ticks at this host's rate (kvmclock stays right; raw-TSC timekeeping drifts by the difference)";
+  }
   json reply;
   if (!rollback) {
     record.status = "completed";
     record.error.reset();
+    record.failed_phase.reset();
     record.generation += 1;
     spdlog::info("live update ({}) completed: generation {}, blackout {} us, pid {}", record.mode, record.generation,
                  record.blackout_us.value_or(-1), ::getpid());

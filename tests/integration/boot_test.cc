@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <set>
 #include <thread>
@@ -131,6 +132,34 @@ TEST(Memory, QueryMemoryReportsGuestMemfdRamAndMemfdSharedRegion) {
     EXPECT_GT(region["device"].get<uint64_t>(), 0u);
   }
   EXPECT_NE(regions[0]["inode"], regions[1]["inode"]);
+}
+
+TEST(Memory, QueryMemorySamplesPhysicalFramesOnRequest) {
+  REQUIRE_KVM();
+  auto vm = ASSERT_OK(VmmProcess::launch({"--memory", "64M", "--shared-memory", "16M", "--console", "none"}));
+  auto plain = ASSERT_OK(vm.command("query-memory"));
+  EXPECT_FALSE(plain[0].contains("frames")) << "frames only on request";
+  auto reply = ASSERT_OK(vm.client().execute("query-memory", {{"sample-frames", 5}}));
+  ASSERT_TRUE(reply.has_value()) << reply.error().desc;
+  const json& regions = *reply;
+  ASSERT_EQ(regions.size(), 2u);
+  for (const auto& region : regions) {
+    ASSERT_EQ(region["frames"].size(), 5u) << region.dump();
+    EXPECT_EQ(region["frames"][0]["offset"], 0);
+    EXPECT_EQ(region["frames"][4]["offset"], region["size"].get<uint64_t>() - 4096) << "the last page too";
+    // The kernel shows frame numbers to CAP_SYS_ADMIN only.
+    EXPECT_EQ(region["frames_visible"].get<bool>(), ::geteuid() == 0) << region.dump();
+    if (::geteuid() == 0) {
+      std::set<uint64_t> pfns;
+      for (const auto& frame : region["frames"]) pfns.insert(frame["pfn"].get<uint64_t>());
+      EXPECT_EQ(pfns.size(), 5u) << "five pages, five frames: " << region.dump();
+    }
+  }
+  for (const json& bad : {json(-1), json(65), json("4"), json(1.5)}) {
+    auto refused = ASSERT_OK(vm.client().execute("query-memory", {{"sample-frames", bad}}));
+    ASSERT_FALSE(refused.has_value()) << bad.dump();
+    EXPECT_NE(refused.error().desc.find("sample-frames"), std::string::npos) << refused.error().desc;
+  }
 }
 
 TEST(Memory, RamAbove3GiBIsSplitAroundTheHole) {

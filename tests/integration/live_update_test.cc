@@ -289,6 +289,13 @@ TEST(LiveUpdate, KexecModeFailsClearlyHereAndTheGuestContinues) {
   EXPECT_EQ(record["status"], "failed");
   EXPECT_EQ(record["mode"], "kexec");
   EXPECT_EQ(record["generation"], 0);
+  // The phase it failed in stays in the record, with its time.
+  EXPECT_EQ(record.value("failed_phase", ""), "prepare") << record.dump();
+  ASSERT_EQ(record["phases"].size(), 1u) << record.dump();
+  EXPECT_EQ(record["phases"][0]["name"], "prepare");
+  // What a kexec could do here, for a management tool to read first.
+  EXPECT_EQ(record["kexec"]["liveupdate"], false) << record.dump();
+  EXPECT_NE(record["kexec"].value("unavailable", "").find("/dev/liveupdate"), std::string::npos) << record.dump();
   expect_guest_carries_on(vm, heartbeat, 1);
 }
 
@@ -511,7 +518,9 @@ void expect_refused_before_the_pause(VmmProcess& vm, const json& arguments, cons
   auto record = ASSERT_OK(vm.command("query-live-update"));
   EXPECT_EQ(record["status"], "failed");
   EXPECT_EQ(record["generation"], 0);
-  EXPECT_EQ(record["phases"].size(), 0u) << "nothing after prepare ran";
+  ASSERT_EQ(record["phases"].size(), 1u) << "nothing after prepare ran: " << record.dump();
+  EXPECT_EQ(record["phases"][0]["name"], "prepare");
+  EXPECT_EQ(record["failed_phase"], "prepare");
   expect_guest_carries_on(vm, heartbeat, 1);
   auto retried = ASSERT_OK(live_update(vm, arguments["mode"].get<std::string>()));
   EXPECT_EQ(retried["generation"], 1);

@@ -36,7 +36,7 @@ Recorder* g_recorder = nullptr;
 long fake_kexec_file_load(int kernel_fd, int initrd_fd, unsigned long cmdline_len, const char* cmdline,
                           unsigned long flags) {
   g_recorder->loads.push_back({testing::link_of(kernel_fd), initrd_fd, cmdline_len,
-                               std::string(cmdline, cmdline_len ? cmdline_len - 1 : 0), flags});
+                               cmdline && cmdline_len ? std::string(cmdline, cmdline_len - 1) : std::string(), flags});
   if (g_recorder->load_errno != 0) {
     errno = g_recorder->load_errno;
     return -1;
@@ -204,6 +204,64 @@ TEST_F(KexecSeam, CurrentCmdlineReadsProcCmdline) {
   ASSERT_TRUE(cmdline);
   EXPECT_EQ(*cmdline, "root=/dev/vda kho=on liveupdate=on");
   EXPECT_FALSE(Kexec::current_cmdline((dir_ / "none").string()));
+}
+
+TEST(KernelBooleanParam, ReadsValuesAsTheKernelDoes) {
+  EXPECT_EQ(kernel_boolean_param("kho=on liveupdate=on", "kho"), true);
+  EXPECT_EQ(kernel_boolean_param("kho=1", "kho"), true);
+  EXPECT_EQ(kernel_boolean_param("kho=y", "kho"), true);
+  EXPECT_EQ(kernel_boolean_param("kho=Y", "kho"), true);
+  EXPECT_EQ(kernel_boolean_param("kho=\"on\"", "kho"), true);
+  EXPECT_EQ(kernel_boolean_param("kho=off", "kho"), false);
+  EXPECT_EQ(kernel_boolean_param("kho=0", "kho"), false);
+  EXPECT_EQ(kernel_boolean_param("kho=n", "kho"), false);
+  // The last occurrence wins, as every early_param sees each one in turn.
+  EXPECT_EQ(kernel_boolean_param("kho=on quiet kho=off", "kho"), false);
+  EXPECT_EQ(kernel_boolean_param("kho=off kho=1", "kho"), true);
+  // Other parameters that merely contain the name, a bare name, bad values.
+  EXPECT_EQ(kernel_boolean_param("nokho=on xkho=1 kho_scratch=on", "kho"), std::nullopt);
+  EXPECT_EQ(kernel_boolean_param("kho", "kho"), std::nullopt);
+  EXPECT_EQ(kernel_boolean_param("kho=maybe kho=", "kho"), std::nullopt);
+  EXPECT_EQ(kernel_boolean_param("", "kho"), std::nullopt);
+  // A quoted value with a space is one parameter; after "--" come init's arguments.
+  EXPECT_EQ(kernel_boolean_param("foo=\"a kho=on\" kho=off", "kho"), false);
+  EXPECT_EQ(kernel_boolean_param("kho=off -- kho=on", "kho"), false);
+}
+
+TEST_F(KexecSeam, CmdlineParsedAsTheKernelDoes) {
+  for (const char* cmdline : {"kho=1 liveupdate=y", "kho=off liveupdate=on kho=on"}) {
+    auto kexec = make();
+    auto img = image();
+    img.cmdline = cmdline;
+    EXPECT_TRUE(kexec.load(img)) << cmdline;
+  }
+  for (const char* cmdline : {"nokho=on liveupdate=on", "kho=on liveupdate=on liveupdate=off", "kho=on liveupdate"}) {
+    auto kexec = make();
+    auto img = image();
+    img.cmdline = cmdline;
+    auto loaded = kexec.load(img);
+    ASSERT_FALSE(loaded) << cmdline;
+    EXPECT_EQ(loaded.error().code, EINVAL);
+    EXPECT_FALSE(kexec.loaded());
+  }
+}
+
+TEST_F(KexecSeam, UnloadAndTheDestructorUnstageTheImage) {
+  {
+    auto kexec = make();
+    ASSERT_TRUE(kexec.unload());  // nothing loaded: no system call
+    EXPECT_TRUE(recorder_.loads.empty());
+    ASSERT_TRUE(kexec.load(image()));
+    ASSERT_TRUE(kexec.unload());
+    EXPECT_FALSE(kexec.loaded());
+    ASSERT_EQ(recorder_.loads.size(), 2u);
+    EXPECT_EQ(recorder_.loads[1].flags, static_cast<unsigned long>(KEXEC_FILE_UNLOAD));
+    EXPECT_EQ(recorder_.loads[1].cmdline_len, 0u);
+    ASSERT_TRUE(kexec.load(image()));
+  }
+  // The second image was still loaded when the object went: it is unloaded.
+  ASSERT_EQ(recorder_.loads.size(), 4u);
+  EXPECT_EQ(recorder_.loads[3].flags, static_cast<unsigned long>(KEXEC_FILE_UNLOAD));
 }
 
 }  // namespace

@@ -11,6 +11,7 @@
 
 #include <fcntl.h>
 
+#include "kvm/system.h"
 #include "machine/machine.h"
 
 namespace vmm {
@@ -30,6 +31,7 @@ class MachineTest : public ::testing::Test {
     config.console = ConsoleKind::none;
     auto caps = system->probe();
     if (caps && !caps->guest_memfd_mmap()) config.ram_backing = memory::Backing::memfd;
+    customize(config);
     auto machine = Machine::create(config);
     ASSERT_TRUE(machine.has_value()) << machine.error().describe();
     machine_ = std::move(*machine);
@@ -51,6 +53,8 @@ class MachineTest : public ::testing::Test {
     }
     return future.get();
   }
+
+  virtual void customize(MachineConfig&) {}
 
   std::unique_ptr<Machine> machine_;
 };
@@ -267,6 +271,82 @@ TEST_F(BuilderTest, BadInputsAreRefusedBeforeAnythingIsBuilt) {
   // Nothing was left half-built: the running machine is untouched.
   EXPECT_EQ(machine_->run_state(), RunState::running);
   EXPECT_FALSE(machine_->update_in_progress());
+}
+
+// After a kexec on a kernel without a KVM LUO handler only the memfds cross:
+// the restore builds a new VM around them, on the same pages.
+class RestoreTest : public BuilderTest {
+ protected:
+  void customize(MachineConfig& config) override { config.ram_backing = memory::Backing::memfd; }
+  // Pauses and saves the running machine, which then stops (as an old
+  // process's copy would), and hands its memory files to the caller.
+  std::pair<migration::SavedState, std::vector<UniqueFd>> save_and_stop() {
+    auto lease = machine_->begin_update();
+    EXPECT_TRUE(lease.has_value());
+    EXPECT_TRUE(lease->pause().has_value());
+    auto state = machine_->save_state();
+    EXPECT_TRUE(state.has_value()) << state.error().describe();
+    std::vector<UniqueFd> files;
+    for (const auto& region : machine_->memory().regions())
+      files.emplace_back(::fcntl(region->fd().get(), F_DUPFD_CLOEXEC, 0));
+    heartbeat_ = machine_->guest().status().heartbeat;
+    machine_->stop();
+    lease->hand_over();
+    return {std::move(*state), std::move(files)};
+  }
+  void expect_runs_on(Machine& target) {
+    ASSERT_TRUE(target.resume().has_value());
+    const auto deadline = std::chrono::steady_clock::now() + 20s;
+    while (target.guest().status().heartbeat <= heartbeat_ + 3 && std::chrono::steady_clock::now() < deadline)
+      std::this_thread::sleep_for(5ms);
+    EXPECT_GT(target.guest().status().heartbeat, heartbeat_ + 3) << "the guest runs on in the restored machine";
+  }
+  uint64_t heartbeat_ = 0;
+};
+
+TEST_F(RestoreTest, WithoutAPreservedVmANewOneIsBuiltAroundTheMemfds) {
+  for (const auto& region : machine_->memory().regions())
+    ASSERT_EQ(region->spec().backing, memory::Backing::memfd) << region->spec().name;
+  const auto before = machine_->memory_info();
+  auto [state, files] = save_and_stop();
+  RestoreInputs inputs{UniqueFd(), std::move(files), memory::SlotKind::guest_memfd, std::move(state)};
+  auto restored = Machine::restore(target_config(), std::move(inputs));
+  ASSERT_TRUE(restored.has_value()) << restored.error().describe();
+  const auto after = (*restored)->memory_info();
+  ASSERT_EQ(before.size(), after.size());
+  for (size_t i = 0; i < before.size(); ++i) EXPECT_EQ(before[i].inode, after[i].inode) << before[i].name;
+  EXPECT_FALSE((*restored)->tsc_rate_change().has_value()) << "same host, same rate";
+  expect_runs_on(**restored);
+}
+
+// Each boot calibrates the TSC anew: a saved rate this host's KVM cannot
+// run (no TSC scaling, slower than this host beyond its 250 ppm tolerance)
+// keeps the host's rate and says so, rather than failing the restore.
+TEST_F(RestoreTest, ATscRateTheHostCannotScaleToKeepsTheHostRate) {
+  auto system = kvm::System::open();
+  ASSERT_TRUE(system.has_value());
+  auto tsc_control = system->check_extension(KVM_CAP_TSC_CONTROL);
+  ASSERT_TRUE(tsc_control.has_value());
+  auto built = Machine::prebuild(target_config(), inputs_from_running());
+  ASSERT_TRUE(built.has_value()) << built.error().describe();
+  auto [state, files] = save_and_stop();
+  ASSERT_FALSE(state.vcpus.empty());
+  const uint64_t host_khz = state.vcpus[0].tsc_khz;
+  ASSERT_GT(host_khz, 0u);
+  // 1% slower than this host: without TSC scaling KVM can only catch a
+  // slower host up (a faster rate is emulated), not slow a faster one down.
+  const uint64_t saved_khz = host_khz - host_khz / 100;
+  for (auto& vcpu : state.vcpus) vcpu.tsc_khz = saved_khz;
+  ASSERT_TRUE((*built)->load_state(state).has_value());
+  const auto change = (*built)->tsc_rate_change();
+  if (*tsc_control > 0) {
+    EXPECT_FALSE(change.has_value()) << "this host scales the TSC to the saved rate";
+  } else {
+    ASSERT_TRUE(change.has_value());
+    EXPECT_EQ(change->saved_khz, saved_khz);
+    EXPECT_EQ(change->khz, host_khz);
+  }
+  expect_runs_on(**built);
 }
 
 }  // namespace

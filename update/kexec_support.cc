@@ -1,0 +1,130 @@
+#include "update/kexec_support.h"
+
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <mutex>
+#include <optional>
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include "kvm/system.h"
+#include "kvm/uapi.h"
+#include "luo/kernel_backend.h"
+#include "update/restore.h"
+
+namespace vmm {
+namespace {
+
+using nlohmann::json;
+
+constexpr uint64_t kProbeGuestMemfdBytes = 2u << 20;
+
+LuoFileSupport try_preserve(luo::Session& session, FdRef fd, uint64_t token) {
+  auto preserved = session.preserve(fd, token);
+  if (preserved) return {true, {}};
+  return {false, preserved.error().describe()};
+}
+
+json file_json(const LuoFileSupport& file) {
+  json out = {{"preservable", file.preservable}};
+  if (!file.preservable) out["refusal"] = file.refusal;
+  return out;
+}
+
+}  // namespace
+
+json KexecSupport::to_json() const {
+  json out = {{"liveupdate", liveupdate}};
+  if (!liveupdate) {
+    out["unavailable"] = unavailable;
+    return out;
+  }
+  out["memfd"] = file_json(memfd);
+  out["vm_fd"] = file_json(vm_fd);
+  out["guest_memfd"] = file_json(guest_memfd);
+  // What a management tool decides on: which RAM backings survive a kexec.
+  json backings = json::array();
+  if (memfd.preservable) backings.push_back("memfd");
+  if (guest_memfd.preservable && vm_fd.preservable) backings.push_back("guest_memfd");
+  out["memory_backings"] = backings;
+  return out;
+}
+
+Result<KexecSupport> probe_kexec_support(const std::string& kvm_device, std::chrono::milliseconds busy_wait,
+                                         const std::atomic<bool>* cancelled) {
+  KexecSupport support;
+  struct stat st {};
+  if (::stat(luo::kLiveUpdateDevice, &st) != 0) {
+    support.unavailable = fmt::format("{} not found: this kernel lacks CONFIG_LIVEUPDATE or was booted without "
+                                      "'kho=on liveupdate=on'",
+                                      luo::kLiveUpdateDevice);
+    return support;
+  }
+  VMM_TRY_ASSIGN(backend, open_liveupdate(cancelled, busy_wait));
+  support.liveupdate = true;
+  // The pid keeps two vmms probing one after the other apart; the session
+  // goes when `session` does, and with it everything preserved in it.
+  VMM_TRY_ASSIGN(session, with_context(backend->create_session(fmt::format("vmm-probe-{}", ::getpid())),
+                                       "probing what this kernel's LUO preserves"));
+
+  UniqueFd memfd(::memfd_create("vmm-luo-probe", MFD_CLOEXEC));
+  if (!memfd || ::ftruncate(memfd.get(), 4096) != 0) return fail_errno("probing LUO: cannot create a memfd");
+  support.memfd = try_preserve(*session, memfd.ref(), 1);
+
+  VMM_TRY_ASSIGN(kvm, with_context(kvm::System::open(kvm_device), "probing LUO"));
+  VMM_TRY_ASSIGN(vm, with_context(kvm.create_vm(), "probing LUO: a throwaway VM"));
+  support.vm_fd = try_preserve(*session, vm.fd(), 2);
+  auto guest_memfd = vm.create_guest_memfd(kProbeGuestMemfdBytes,
+                                           kvm::uapi::kGuestMemfdFlagMmap | kvm::uapi::kGuestMemfdFlagInitShared);
+  if (guest_memfd) {
+    support.guest_memfd = try_preserve(*session, guest_memfd->fd(), 3);
+  } else {
+    support.guest_memfd = {false, "this host's KVM cannot create one: " + guest_memfd.error().describe()};
+  }
+  spdlog::info("luo: this kernel preserves memfd: {}, KVM VM fd: {}, guest_memfd: {}", support.memfd.preservable,
+               support.vm_fd.preservable, support.guest_memfd.preservable);
+  return support;
+}
+
+Result<KexecSupport> kexec_support(const std::string& kvm_device, std::chrono::milliseconds busy_wait,
+                                   const std::atomic<bool>* cancelled) {
+  static std::mutex mutex;
+  static std::optional<KexecSupport> known;
+  {
+    std::lock_guard lock(mutex);
+    if (known) return *known;
+  }
+  // Probed outside the lock: it may wait for the device.
+  VMM_TRY_ASSIGN(probed, probe_kexec_support(kvm_device, busy_wait, cancelled));
+  std::lock_guard lock(mutex);
+  if (probed.liveupdate) known = probed;
+  return probed;
+}
+
+Result<void> check_kexec_support(const KexecSupport& support, const Machine& machine) {
+  if (!support.liveupdate) return fail(support.unavailable + "; a kexec now would lose the guest; use --mode exec", ENOENT);
+  for (const auto& region : machine.memory().regions()) {
+    const auto& spec = region->spec();
+    if (spec.backing == memory::Backing::guest_memfd) {
+      if (!support.guest_memfd.preservable || !support.vm_fd.preservable)
+        return fail(fmt::format("memory region '{}' is a guest_memfd, and this kernel cannot carry a guest_memfd "
+                                "and its VM across a kexec (guest_memfd: {}; KVM VM fd: {}; mainline Linux 7.x "
+                                "lacks the KVM LUO series): its contents would be lost. Start the VM with "
+                                "--memory-backing memfd, or boot a kernel with CONFIG_LIVEUPDATE_GUEST_MEMFD",
+                                spec.name, support.guest_memfd.preservable ? "preservable" : support.guest_memfd.refusal,
+                                support.vm_fd.preservable ? "preservable" : support.vm_fd.refusal),
+                    EOPNOTSUPP);
+    } else if (!support.memfd.preservable) {
+      return fail(fmt::format("memory region '{}' is a memfd, and this kernel cannot preserve a memfd ({}): "
+                              "boot a kernel with CONFIG_LIVEUPDATE_MEMFD",
+                              spec.name, support.memfd.refusal),
+                  EOPNOTSUPP);
+    }
+  }
+  return {};
+}
+
+}  // namespace vmm
