@@ -66,6 +66,11 @@ struct LuoArrivalOptions {
 };
 [[nodiscard]] std::variant<Arrival, int> arrive_by_luo(const LuoArrivalOptions& options);
 
+// `vmm restore --session NAME --discard`: finishes the session without a
+// restore, from the kernel or from the holders of a failed restore
+// (session_holder.h). The guest's memory goes. Returns the exit status.
+[[nodiscard]] int discard_luo_session(const std::string& name);
+
 // The old vmm's binary runs again with everything as it was handed over
 // (the exec handover's rollback), with `failure` as the reason. Returns only
 // if that exec failed.

@@ -13,6 +13,7 @@
 #include "luo/kernel_backend.h"
 #include "update/arrival.h"
 #include "update/restore.h"
+#include "update/session_holder.h"
 
 extern char** environ;
 
@@ -38,22 +39,43 @@ void reply_failure(int connection_fd, const json& reply_id, const std::string& d
   [[maybe_unused]] ssize_t n = ::send(connection_fd, line.data(), line.size(), MSG_NOSIGNAL);
 }
 
-// Holds a retrieved session until an operator decides: closing it (or
-// exiting) would finish it and drop the guest's memory.
-int hold_session(const std::string& name) {
-  spdlog::error("holding the unfinished LUO session '{}' open in this process (pid {}) so the guest's memory is "
-                "kept; stop this process (SIGTERM) to discard the VM",
-                name, ::getpid());
-  sigset_t stop;
-  sigemptyset(&stop);
-  sigaddset(&stop, SIGINT);
-  sigaddset(&stop, SIGTERM);
-  int signo = 0;
-  sigwait(&stop, &signo);
-  return 1;
+// The kexec side's session: from the kernel, or, when an earlier restore of
+// it failed and holds it (the kernel then says it was retrieved already),
+// from that restore's holders.
+Result<std::unique_ptr<luo::Session>> retrieve_kernel_session(const std::string& name) {
+  Result<std::unique_ptr<luo::Session>> session = std::unexpected(Error{});
+  {
+    // /dev/liveupdate is single-open: held only for the retrieve, so another
+    // vmm can restore its own VM (or a later update can start) meanwhile.
+    VMM_TRY_ASSIGN(device, open_liveupdate());
+    session = device->retrieve_session(name);
+  }
+  if (session || session.error().code != EINVAL) return session;
+  auto held = take_held_session(name);
+  if (!held)
+    return std::unexpected(session.error().with_context(
+        fmt::format("the LUO session '{}' was retrieved already, and {}", name, held.error().describe())));
+  spdlog::info("vmm restore: took the LUO session '{}' over from the holders of an earlier restore", name);
+  return std::unique_ptr<luo::Session>(
+      std::make_unique<luo::KernelSession>(std::move(*held), name, true, luo::real_kernel_syscalls()));
 }
 
 }  // namespace
+
+int discard_luo_session(const std::string& name) {
+  auto session = retrieve_kernel_session(name);
+  if (!session) {
+    spdlog::error("vmm restore --discard: {}", session.error().describe());
+    return 1;
+  }
+  // Closing the session finishes it; FINISH first, to report its error.
+  if (auto finished = (*session)->finish(); !finished) {
+    spdlog::error("vmm restore --discard: FINISH of '{}' failed: {}", name, finished.error().describe());
+    return 1;
+  }
+  spdlog::warn("vmm restore --discard: the LUO session '{}' is finished and the guest's memory released", name);
+  return 0;
+}
 
 void apply_launch(const LaunchOptions& launch, MachineConfig& config) {
   if (launch.console == "stdout") {
@@ -179,7 +201,9 @@ std::variant<Arrival, int> arrive_by_luo(const LuoArrivalOptions& options) {
       spdlog::error("{}", desc);
       reply_failure(connection_fd, reply_id, desc);
       if (!session_retrieved || exec_mode) return 1;
-      return hold_session(session_name);
+      auto* kernel_session = dynamic_cast<luo::KernelSession*>(side->session.get());
+      if (!kernel_session) return 1;
+      return hold_session(kernel_session->fd(), session_name);
     }
   };
   GiveUp give_up{side,          exec_mode,     is_rollback,        options.handover_fd, rollback_fd,
@@ -196,11 +220,7 @@ std::variant<Arrival, int> arrive_by_luo(const LuoArrivalOptions& options) {
     if (!session) return give_up(session.error());
     side->session = std::move(*session);
   } else {
-    // /dev/liveupdate is single-open: held only for the retrieve, so another
-    // vmm can restore its own VM (or a later update can start) meanwhile.
-    auto opened = open_liveupdate();
-    if (!opened) return give_up(opened.error());
-    auto session = (*opened)->retrieve_session(handover.session);
+    auto session = retrieve_kernel_session(handover.session);
     if (!session) return give_up(session.error());
     side->session = std::move(*session);
   }

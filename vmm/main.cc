@@ -225,6 +225,12 @@ int main(int argc, char** argv) {
   restore_command->add_option("--previous-failure", restore.previous_failure)->group("");
   restore_command->add_option("--luo-manifest-fd", restore.luo_manifest_fd)->group("");
   session_option->excludes(handover_option);
+  bool discard = false;
+  restore_command
+      ->add_flag("--discard", discard,
+                 "Finish the session without restoring (from the kernel, or from the holders a failed restore "
+                 "left): the guest's memory is released")
+      ->needs(session_option);
 
   vmm::TransferArrivalOptions transfer;
   auto* transfer_command = app.add_subcommand(
@@ -290,6 +296,7 @@ int main(int argc, char** argv) {
       spdlog::error("vmm restore needs --session NAME: the LUO session (the VM's name) to rebuild the VM from");
       return 2;
     }
+    if (discard) return vmm::discard_luo_session(restore.session);
     restore.launch = vmm::launch_options(common);
     return vmm::arrive(vmm::arrive_by_luo(restore), signals->ref());
   }
