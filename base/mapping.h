@@ -29,7 +29,8 @@ class Mapping {
   // Fills this process's page tables for the whole mapping, writable, with
   // the pages the file already has (MADV_POPULATE_WRITE, Linux 5.14). Reads
   // and writes nothing: a later first touch, by us or by KVM on the guest's
-  // behalf, then finds the page table entry instead of faulting.
+  // behalf, then finds the page table entry instead of faulting. On a kernel
+  // without madvise(2) each page is read once instead (read-only entries).
   [[nodiscard]] Result<void> populate_page_tables() const { return populate_page_tables(0, size_); }
   // The same for [offset, offset + length), page-aligned.
   [[nodiscard]] Result<void> populate_page_tables(size_t offset, size_t length) const;

@@ -7,17 +7,30 @@
 
 namespace vmm {
 
-Result<std::vector<FrameSample>> sample_frames(std::span<const uint8_t> bytes, size_t count) {
+std::vector<uint64_t> spread_offsets(uint64_t bytes, size_t count) {
   const auto page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
-  const uint64_t pages = bytes.size() / page;
-  std::vector<FrameSample> samples;
-  if (pages == 0 || count == 0) return samples;
+  const uint64_t pages = bytes / page;
+  std::vector<uint64_t> offsets;
+  if (pages == 0 || count == 0) return offsets;
   if (count > pages) count = pages;
+  for (size_t i = 0; i < count; ++i) offsets.push_back((count == 1 ? 0 : i * (pages - 1) / (count - 1)) * page);
+  return offsets;
+}
+
+Result<std::vector<FrameSample>> sample_frames_at(std::span<const uint8_t> bytes, FdRef file,
+                                                  std::span<const uint64_t> offsets) {
+  const auto page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+  std::vector<FrameSample> samples;
+  if (offsets.empty()) return samples;
   UniqueFd pagemap(::open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC));
   if (!pagemap) return fail_errno("cannot open /proc/self/pagemap");
-  for (size_t i = 0; i < count; ++i) {
-    const uint64_t index = count == 1 ? 0 : i * (pages - 1) / (count - 1);
-    const uint64_t offset = index * page;
+  for (const uint64_t offset : offsets) {
+    if (offset % page != 0 || offset >= bytes.size())
+      return fail("a sampled page lies outside the mapping or is not page-aligned", EINVAL);
+    if (file.valid() && ::lseek(file.get(), static_cast<off_t>(offset), SEEK_DATA) != static_cast<off_t>(offset)) {
+      samples.push_back({offset, true, 0});
+      continue;
+    }
     // A present entry needs the page mapped in this process.
     [[maybe_unused]] volatile uint8_t touched = bytes[offset];
     const auto address = reinterpret_cast<uintptr_t>(bytes.data()) + offset;
@@ -27,9 +40,14 @@ Result<std::vector<FrameSample>> sample_frames(std::span<const uint8_t> bytes, s
       return fail_errno("cannot read /proc/self/pagemap");
     constexpr uint64_t kPresent = 1ULL << 63;
     constexpr uint64_t kPfnMask = (1ULL << 55) - 1;
-    samples.push_back({offset, (entry & kPresent) ? entry & kPfnMask : 0});
+    samples.push_back({offset, false, (entry & kPresent) ? entry & kPfnMask : 0});
   }
   return samples;
+}
+
+Result<std::vector<FrameSample>> sample_frames(std::span<const uint8_t> bytes, FdRef file, size_t count) {
+  const auto offsets = spread_offsets(bytes.size(), count);
+  return sample_frames_at(bytes, file, offsets);
 }
 
 }  // namespace vmm

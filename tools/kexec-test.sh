@@ -22,7 +22,7 @@ vmm_bin=$repo/build/bin
 # ctest's test binaries land in build/bin/ (the top-level CMakeLists sets the
 # runtime output directory), luo_test among them.
 luo_test=$repo/build/bin/luo_test
-scenarios=boot,luo-conformance,vm-run,kexec-memfd,kexec-gmem,kexec-self
+scenarios=boot,luo-conformance,vm-run,gmem-refused,cancel-unloads,kexec-memfd,tsc-rate,kexec-again,kexec-paused,restore-retry,kexec-gmem,kexec-self
 timeout_s=900
 kernel_only=0
 patch_dir=""
@@ -339,6 +339,8 @@ pack_initramfs() {
     [[ -n $helper && -x $helper ]] && add_binary "$root" "$helper" "$helper"
     luo_note="luo_test: $luo_test${helper:+, helper $helper}"
   fi
+  # The test build's vmm, for the scenario that injects a failure (cancel-unloads).
+  [[ -x $vmm_bin/vmm-faults ]] && add_binary "$root" "$vmm_bin/vmm-faults" /lab/vmm-faults
   [[ -x /sbin/kexec ]] && add_binary "$root" /sbin/kexec /sbin/kexec
   cp "$bzimage" "$root/lab/bzImage"
   (cd "$root" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0) >"$out/initrd-1.cpio"
@@ -367,6 +369,14 @@ xfail_entry() { # scenario: prints "MATCH REASON..."
     END { exit !found }' "$xfail_file"
 }
 
+# Scenarios that only one kind of kernel can run: NOT-RUN on the other is
+# the right result (kexec-gmem needs the KVM LUO series; gmem-refused checks
+# the refusal on a kernel without it).
+not_applicable() {
+  case $kernel_kind:$1 in mainline:kexec-gmem|kvm-luo:gmem-refused) return 0 ;; esac
+  return 1
+}
+
 # Runs QEMU under a timeout; every serial line gets the host's wall-clock
 # time in front (for the boot and kexec times), into $out/serial.log.
 boot_guest() {
@@ -374,7 +384,7 @@ boot_guest() {
   # check misses its ticks, and a kexec'd kernel then panics ("IO-APIC +
   # timer doesn't work!") or crawls through its fallbacks. The kexec'd
   # kernel's command line is this one with lab.* replaced.
-  local append="console=ttyS0 kho=on liveupdate=on panic=-1 loglevel=4 no_timer_check lab.stage=1 lab.scenarios=$scenarios"
+  local append="console=ttyS0 kho=on liveupdate=on panic=-1 loglevel=4 no_timer_check lab.kernel=$kernel_kind lab.stage=1 lab.scenarios=$scenarios"
   say "qemu: -append '$append' (timeout ${timeout_s} s, log $out/serial.log)"
   : >"$out/serial.log"
   local rc=0
@@ -462,6 +472,8 @@ summarize() {
       else
         failed=1
       fi
+    elif [[ $status == NOT-RUN ]] && not_applicable "$s"; then
+      note="not applicable on a $kernel_kind kernel"
     elif [[ $status != PASS ]]; then
       failed=1
     fi

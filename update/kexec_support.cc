@@ -4,6 +4,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cstring>
 #include <mutex>
 #include <optional>
 
@@ -24,8 +25,8 @@ constexpr uint64_t kProbeGuestMemfdBytes = 2u << 20;
 
 LuoFileSupport try_preserve(luo::Session& session, FdRef fd, uint64_t token) {
   auto preserved = session.preserve(fd, token);
-  if (preserved) return {true, {}};
-  return {false, preserved.error().describe()};
+  if (preserved) return {true, 0, {}};
+  return {false, preserved.error().code, preserved.error().describe()};
 }
 
 json file_json(const LuoFileSupport& file) {
@@ -82,7 +83,8 @@ Result<KexecSupport> probe_kexec_support(const std::string& kvm_device, std::chr
   if (guest_memfd) {
     support.guest_memfd = try_preserve(*session, guest_memfd->fd(), 3);
   } else {
-    support.guest_memfd = {false, "this host's KVM cannot create one: " + guest_memfd.error().describe()};
+    support.guest_memfd = {false, guest_memfd.error().code,
+                           "this host's KVM cannot create one: " + guest_memfd.error().describe()};
   }
   spdlog::info("luo: this kernel preserves memfd: {}, KVM VM fd: {}, guest_memfd: {}", support.memfd.preservable,
                support.vm_fd.preservable, support.guest_memfd.preservable);
@@ -104,6 +106,17 @@ Result<KexecSupport> kexec_support(const std::string& kvm_device, std::chrono::m
   return probed;
 }
 
+namespace {
+
+// A refusal in a few words: the kernel's own text repeats the whole story.
+std::string briefly(const LuoFileSupport& file) {
+  if (file.preservable) return "preservable";
+  if (file.error == ENOENT) return "no LUO handler";
+  return file.error ? std::strerror(file.error) : file.refusal;
+}
+
+}  // namespace
+
 Result<void> check_kexec_support(const KexecSupport& support, const Machine& machine) {
   if (!support.liveupdate) return fail(support.unavailable + "; a kexec now would lose the guest; use --mode exec", ENOENT);
   for (const auto& region : machine.memory().regions()) {
@@ -114,13 +127,12 @@ Result<void> check_kexec_support(const KexecSupport& support, const Machine& mac
                                 "and its VM across a kexec (guest_memfd: {}; KVM VM fd: {}; mainline Linux 7.x "
                                 "lacks the KVM LUO series): its contents would be lost. Start the VM with "
                                 "--memory-backing memfd, or boot a kernel with CONFIG_LIVEUPDATE_GUEST_MEMFD",
-                                spec.name, support.guest_memfd.preservable ? "preservable" : support.guest_memfd.refusal,
-                                support.vm_fd.preservable ? "preservable" : support.vm_fd.refusal),
+                                spec.name, briefly(support.guest_memfd), briefly(support.vm_fd)),
                     EOPNOTSUPP);
     } else if (!support.memfd.preservable) {
       return fail(fmt::format("memory region '{}' is a memfd, and this kernel cannot preserve a memfd ({}): "
                               "boot a kernel with CONFIG_LIVEUPDATE_MEMFD",
-                              spec.name, support.memfd.refusal),
+                              spec.name, briefly(support.memfd)),
                   EOPNOTSUPP);
     }
   }

@@ -20,6 +20,7 @@ namespace vmm {
 
 struct LuoFileSupport {
   bool preservable = false;
+  int error = 0;        // the refused PRESERVE_FD's errno (ENOENT: no handler)
   std::string refusal;  // why not (the kernel's error), when not
 };
 

@@ -7,6 +7,7 @@
 #include <spdlog/spdlog.h>
 
 #include "migration/state_blob.h"
+#include "update/frames.h"
 #include "update/kexec_support.h"
 #include "update/versions.h"
 #include "vmm/control/server.h"
@@ -196,6 +197,8 @@ control::CommandResult LiveUpdate::run(const json& arguments, const control::Com
   // --- prepare: the guest keeps running -------------------------------------
   auto prepared = handover->prepare(handover_context);
   if (!prepared) return failed(prepared.error());
+  // After the preserves (which pin the pages), with the guest running.
+  record.frames_at_prepare = sample_guest_frames(machine_);
   if (cancelled_) return failed(Error{ECANCELED, "the vmm is shutting down"});
   phase_done();
 

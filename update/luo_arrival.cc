@@ -109,6 +109,7 @@ Error roll_back(int handover_fd, int rollback_fd, const std::vector<int>& other_
 
 std::variant<Arrival, int> arrive_by_luo(const LuoArrivalOptions& options) {
   const int64_t process_started_ns = monotonic_ns();
+  const int64_t process_started_realtime_ns = realtime_ns();
   const auto restore_started = steady_clock::now();
   const bool exec_mode = options.handover_fd >= 0;
   const bool is_rollback = !options.previous_failure.empty();
@@ -257,6 +258,10 @@ std::variant<Arrival, int> arrive_by_luo(const LuoArrivalOptions& options) {
     // is placed on this kernel's clock by the wall-clock time since the save.
     record.blackout_started_ns = monotonic_ns() - (realtime_ns() - static_cast<int64_t>(metadata.saved_at_realtime_ns));
     record.handover_started_ns = 0;
+    // The handover: from the save to this process's start, the reboot into
+    // this kernel included, on the wall clock (the only one both kernels share).
+    record.add_phase("handover",
+                     nanoseconds(process_started_realtime_ns - static_cast<int64_t>(metadata.saved_at_realtime_ns)));
   }
 
   MachineConfig config;

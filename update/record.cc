@@ -44,6 +44,7 @@ json UpdateRecord::to_json() const {
     if (tsc_note) out["tsc"]["note"] = *tsc_note;
   }
   if (pid) out["pid"] = *pid;
+  if (frames_sampled) out["frames"] = {{"sampled", *frames_sampled}, {"same", frames_same.value_or(0)}};
   if (brownout_status) out["brownout_status"] = *brownout_status;
   if (brownout_us) out["brownout_us"] = *brownout_us;
   if (baseline_pass_us) out["baseline_pass_us"] = *baseline_pass_us;
@@ -55,6 +56,9 @@ json UpdateRecord::to_carried_json() const {
   json carried = to_json();
   carried["blackout_started_ns"] = blackout_started_ns;
   carried["handover_started_ns"] = handover_started_ns;
+  json frames = json::array();
+  for (const auto& frame : frames_at_prepare) frames.push_back({frame.region, frame.offset, frame.pfn});
+  carried["frames_at_prepare"] = frames;
   return carried;
 }
 
@@ -86,6 +90,19 @@ Result<UpdateRecord> UpdateRecord::from_json(const json& in) {
   record.error = error;
   record.failed_phase = failed_phase;
   record.blackout_started_ns = blackout_started.value_or(0);
+  if (in.contains("frames_at_prepare")) {
+    const json& frames = in["frames_at_prepare"];
+    bool valid = frames.is_array() && frames.size() <= 4096;
+    for (size_t i = 0; valid && i < frames.size(); ++i) {
+      const json& frame = frames[i];
+      valid = frame.is_array() && frame.size() == 3 && frame[0].is_number_unsigned() &&
+              frame[1].is_number_unsigned() && frame[2].is_number_unsigned() && frame[0].get<uint64_t>() <= UINT32_MAX;
+      if (valid)
+        record.frames_at_prepare.push_back(
+            {frame[0].get<uint32_t>(), frame[1].get<uint64_t>(), frame[2].get<uint64_t>()});
+    }
+    if (!valid) return fail("the update record's 'frames_at_prepare' is malformed", EPROTO);
+  }
   record.handover_started_ns = handover_started.value_or(0);
   return record;
 }

@@ -20,6 +20,12 @@ struct UpdatePhase {
   int64_t duration_us = 0;
 };
 
+// A guest page's physical frame (update/frames.h).
+struct SampledFrame {
+  uint32_t region = 0;
+  uint64_t offset = 0, pfn = 0;
+};
+
 struct UpdateRecord {
   std::string status = "none";  // none | in-progress | completed | failed
   std::string mode;             // transfer | exec | kexec
@@ -42,6 +48,11 @@ struct UpdateRecord {
   // boot calibrates anew) and KVM cannot scale to the saved rate.
   std::optional<uint64_t> tsc_saved_khz, tsc_khz;
   std::optional<std::string> tsc_note;
+  // Sampled frames once the handover was prepared (carried, not shown), and
+  // how many of those pages the new side found on the same frames (shown as
+  // "frames": {"sampled", "same"}).
+  std::vector<SampledFrame> frames_at_prepare;
+  std::optional<uint64_t> frames_sampled, frames_same;
   // The vmm process that runs the VM after a completed update (a transfer
   // moves the VM to a new process; exec and kexec keep or restart the pid).
   std::optional<int64_t> pid;

@@ -142,7 +142,8 @@ control::CommandResult MachineCommands::query_status() {
 control::CommandResult MachineCommands::query_memory(const json& arguments) {
   // sample-frames: the physical frames of that many pages per region, to
   // compare before and after an update (a kexec changes the inode, not the
-  // pages). Visible to a root vmm only.
+  // pages). Visible to a root vmm only. A hole has no frame: a kexec fills
+  // it (LUO allocates every page of a memfd it preserves).
   size_t frames = 0;
   if (arguments.contains("sample-frames")) {
     const json& value = arguments["sample-frames"];
@@ -163,11 +164,15 @@ control::CommandResult MachineCommands::query_memory(const json& arguments) {
                 {"inode", region.inode},
                 {"device", region.device}};
     if (frames > 0 && i < live.size()) {
-      auto sampled = sample_frames(live[i]->bytes(), frames);
+      auto sampled = sample_frames(live[i]->bytes(), live[i]->fd(), frames);
       if (!sampled) return generic_error(sampled.error().describe());
       json list = json::array();
       bool visible = false;
       for (const auto& sample : *sampled) {
+        if (sample.hole) {
+          list.push_back({{"offset", sample.offset}, {"hole", true}});
+          continue;
+        }
         list.push_back({{"offset", sample.offset}, {"pfn", sample.pfn}});
         visible = visible || sample.pfn != 0;
       }

@@ -10,6 +10,8 @@
 
 #include <spdlog/spdlog.h>
 
+#include "update/frames.h"
+
 namespace vmm {
 namespace {
 
@@ -130,7 +132,8 @@ int complete(Arrival arrival, FdRef signals) {
   }
   // The blackout ends here: the vCPUs run again (or, paused before, are ready to).
   const int64_t resumed_ns = monotonic_ns();
-  if (record.blackout_started_ns > 0) record.blackout_us = (resumed_ns - record.blackout_started_ns) / 1000;
+  // (After a kexec the start lies before this kernel's boot: negative on its clock.)
+  if (record.blackout_started_ns != 0) record.blackout_us = (resumed_ns - record.blackout_started_ns) / 1000;
   record.add_phase("restore", steady_clock::now() - arrival.restore_started);
   // This process's page tables for guest RAM start empty; filling them
   // now, beside the guest, takes the host fault out of KVM's re-faults.
@@ -138,6 +141,8 @@ int complete(Arrival arrival, FdRef signals) {
   if (arrival.after_resume) arrival.after_resume(record);
   runtime.update->watch_after_resume(arrival.resume_point);
 
+  check_guest_frames(*runtime.machine, record);
+  record.frames_at_prepare.clear();
   record.tsc_saved_khz.reset();
   record.tsc_khz.reset();
   record.tsc_note.reset();

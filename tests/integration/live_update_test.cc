@@ -132,6 +132,13 @@ TEST_P(EveryMode, UpdateKeepsMemoryInPlaceAndTheGuestCarriesOn) {
   for (const auto& region : ASSERT_OK(vm.command("query-memory")))
     EXPECT_EQ(region["slot"], "userspace") << "after the update every region is attached through its mapping";
   EXPECT_LT(rss_anon_kib(vm.pid()), 64u * 1024) << "RssAnon stays far below the guest's 256 MiB";
+  // And the same physical pages: the frames sampled before the pause, again
+  // after the resume (frame numbers are shown to root only).
+  if (::geteuid() == 0) {
+    ASSERT_TRUE(reply.contains("frames")) << reply.dump();
+    EXPECT_GT(reply["frames"]["sampled"].get<uint64_t>(), 8u) << reply.dump();
+    EXPECT_EQ(reply["frames"]["same"], reply["frames"]["sampled"]) << reply.dump();
+  }
 
   expect_guest_carries_on(vm, heartbeat, 2);
   auto record = ASSERT_OK(vm.command("query-live-update"));
