@@ -71,33 +71,42 @@ Result<void> Machine::load_state(const migration::SavedState& state) {
   // (KVM derives it from the real rate); a guest timing by the raw TSC drifts
   // by the difference until it recalibrates.
   const uint64_t saved_khz = state.vcpus.empty() ? 0 : state.vcpus[0].tsc_khz;
-  std::vector<uint64_t> host_khz(vcpus_.size(), 0);
+  std::vector<uint64_t> host_khz(vcpus_.size(), 0);  // this host's rate, where it differs from the saved one
+  std::vector<char> at_host_rate(vcpus_.size(), 0);   // ... and KVM could not run the saved one
   VMM_TRY(vcpus_.on_every_vcpu([&](size_t i, kvm::Vcpu& vcpu) -> Result<void> {
     const uint64_t wanted = state.vcpus[i].tsc_khz;
     if (wanted == 0) return {};
     VMM_TRY_ASSIGN(current, vcpu.get_tsc_khz());
     if (current == wanted) return {};
+    host_khz[i] = current;
     auto set = vcpu.set_tsc_khz(wanted);
     if (set) return {};
     if (set.error().code != EINVAL) return set;
-    host_khz[i] = current;
+    at_host_rate[i] = 1;
     return {};
   }));
-  const bool at_host_rate = std::ranges::any_of(host_khz, [](uint64_t khz) { return khz != 0; });
   tsc_rate_change_.reset();
-  if (at_host_rate) {
-    const uint64_t khz = *std::ranges::max_element(host_khz);
-    tsc_rate_change_ = TscRateChange{saved_khz, khz};
-    const double ppm = saved_khz ? (static_cast<double>(khz) - static_cast<double>(saved_khz)) * 1e6 /
+  if (std::ranges::any_of(host_khz, [](uint64_t khz) { return khz != 0; })) {
+    const uint64_t host = *std::ranges::max_element(host_khz);
+    const bool kept_host_rate = std::ranges::any_of(at_host_rate, [](char kept) { return kept != 0; });
+    const uint64_t khz = kept_host_rate ? host : saved_khz;
+    tsc_rate_change_ = TscRateChange{saved_khz, host, khz};
+    const double ppm = saved_khz ? (static_cast<double>(host) - static_cast<double>(saved_khz)) * 1e6 /
                                        static_cast<double>(saved_khz)
                                  : 0;
-    spdlog::warn("the guest's TSC ran at {} kHz, this host's runs at {} kHz ({:+.0f} ppm) and KVM cannot scale it "
-                 "(no TSC scaling, outside its tolerance): the guest keeps running at {} kHz; kvmclock stays "
-                 "right, a guest timing by the raw TSC drifts by {:+.0f} ppm until it recalibrates",
-                 saved_khz, khz, ppm, khz, ppm);
+    if (kept_host_rate) {
+      spdlog::warn("the guest's TSC ran at {} kHz, this host's runs at {} kHz ({:+.0f} ppm) and KVM cannot run the "
+                   "saved rate (no TSC scaling, slower beyond its tolerance): the guest keeps running at {} kHz; "
+                   "kvmclock stays right, a guest timing by the raw TSC drifts by {:+.0f} ppm until it recalibrates",
+                   saved_khz, host, ppm, khz, ppm);
+    } else {
+      spdlog::info("the guest's TSC ran at {} kHz, this host's runs at {} kHz ({:+.0f} ppm): KVM runs the guest at "
+                   "its saved rate, so it sees no change",
+                   saved_khz, host, ppm);
+    }
   }
   VMM_TRY(vcpus_.on_every_vcpu([&](size_t i, kvm::Vcpu& vcpu) -> Result<void> {
-    if (host_khz[i] == 0) return vcpu.restore(state.vcpus[i]);
+    if (!at_host_rate[i]) return vcpu.restore(state.vcpus[i]);
     kvm::VcpuState at_this_rate = state.vcpus[i];
     at_this_rate.tsc_khz = 0;  // leave the rate as it is
     return vcpu.restore(at_this_rate);

@@ -138,10 +138,12 @@ class Machine final : public VcpuExitHandler {
   // Loads saved state into a VM from prebuild() whose layout and vCPU count
   // match it; only while paused, and the vCPUs stay parked (resume() runs them).
   [[nodiscard]] Result<void> load_state(const migration::SavedState& state);
-  // After load_state(): the saved TSC rate and the one the guest now runs at,
-  // when they differ (see load_state in machine.cc); nullopt when the same.
+  // After load_state(), when this host's TSC rate differs from the saved one
+  // (see load_state in machine.cc): the saved rate, this host's, and the one
+  // the guest now runs at (the saved one where KVM can run it, else the
+  // host's). nullopt when the rates are the same.
   struct TscRateChange {
-    uint64_t saved_khz = 0, khz = 0;
+    uint64_t saved_khz = 0, host_khz = 0, khz = 0;
   };
   [[nodiscard]] std::optional<TscRateChange> tsc_rate_change() const { return tsc_rate_change_; }
 

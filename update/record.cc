@@ -40,7 +40,7 @@ json UpdateRecord::to_json() const {
   if (error) out["error"] = *error;
   if (failed_phase) out["failed_phase"] = *failed_phase;
   if (tsc_khz) {
-    out["tsc"] = {{"saved_khz", tsc_saved_khz.value_or(0)}, {"khz", *tsc_khz}};
+    out["tsc"] = {{"saved_khz", tsc_saved_khz.value_or(0)}, {"host_khz", tsc_host_khz.value_or(0)}, {"khz", *tsc_khz}};
     if (tsc_note) out["tsc"]["note"] = *tsc_note;
   }
   if (pid) out["pid"] = *pid;

@@ -44,9 +44,9 @@ struct UpdateRecord {
   std::optional<std::string> brownout_reason;
   std::optional<std::string> error;
   std::optional<std::string> failed_phase;  // the phase a failed update stopped in (listed last in phases)
-  // The guest's TSC rate across a kexec, when the new host's differs (each
-  // boot calibrates anew) and KVM cannot scale to the saved rate.
-  std::optional<uint64_t> tsc_saved_khz, tsc_khz;
+  // The TSC rates across a kexec, when the new host's differs from the saved
+  // one (each boot calibrates anew): saved, this host's, and the guest's now.
+  std::optional<uint64_t> tsc_saved_khz, tsc_host_khz, tsc_khz;
   std::optional<std::string> tsc_note;
   // Sampled frames once the handover was prepared (carried, not shown), and
   // how many of those pages the new side found on the same frames (shown as

@@ -144,13 +144,19 @@ int complete(Arrival arrival, FdRef signals) {
   check_guest_frames(*runtime.machine, record);
   record.frames_at_prepare.clear();
   record.tsc_saved_khz.reset();
+  record.tsc_host_khz.reset();
   record.tsc_khz.reset();
   record.tsc_note.reset();
   if (auto tsc = runtime.machine->tsc_rate_change()) {
     record.tsc_saved_khz = tsc->saved_khz;
+    record.tsc_host_khz = tsc->host_khz;
     record.tsc_khz = tsc->khz;
-    record.tsc_note = "this host's TSC rate differs from the saved one and KVM cannot scale it: the guest's TSC now "
-                      "ticks at this host's rate (kvmclock stays right; raw-TSC timekeeping drifts by the difference)";
+    record.tsc_note = tsc->khz == tsc->saved_khz
+                          ? "this host's TSC rate differs from the saved one; KVM runs the guest at its saved rate, "
+                            "so the guest sees no change"
+                          : "this host's TSC rate differs from the saved one and KVM cannot run the saved rate: the "
+                            "guest's TSC now ticks at this host's rate (kvmclock stays right; raw-TSC timekeeping "
+                            "drifts by the difference)";
   }
   json reply;
   if (!rollback) {

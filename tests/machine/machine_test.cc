@@ -304,6 +304,22 @@ class RestoreTest : public BuilderTest {
   uint64_t heartbeat_ = 0;
 };
 
+// A saved rate faster than this host's: KVM runs it (scaling, or catching
+// up), and the change is reported with the saved rate as the guest's.
+TEST_F(RestoreTest, AFasterSavedTscRateIsRunAndReported) {
+  auto built = Machine::prebuild(target_config(), inputs_from_running());
+  ASSERT_TRUE(built.has_value()) << built.error().describe();
+  auto [state, files] = save_and_stop();
+  const uint64_t host_khz = state.vcpus[0].tsc_khz;
+  for (auto& vcpu : state.vcpus) vcpu.tsc_khz = host_khz + host_khz / 100;
+  ASSERT_TRUE((*built)->load_state(state).has_value());
+  const auto change = (*built)->tsc_rate_change();
+  ASSERT_TRUE(change.has_value());
+  EXPECT_EQ(change->host_khz, host_khz);
+  EXPECT_EQ(change->khz, host_khz + host_khz / 100);
+  expect_runs_on(**built);
+}
+
 TEST_F(RestoreTest, WithoutAPreservedVmANewOneIsBuiltAroundTheMemfds) {
   for (const auto& region : machine_->memory().regions())
     ASSERT_EQ(region->spec().backing, memory::Backing::memfd) << region->spec().name;
@@ -339,12 +355,13 @@ TEST_F(RestoreTest, ATscRateTheHostCannotScaleToKeepsTheHostRate) {
   for (auto& vcpu : state.vcpus) vcpu.tsc_khz = saved_khz;
   ASSERT_TRUE((*built)->load_state(state).has_value());
   const auto change = (*built)->tsc_rate_change();
+  ASSERT_TRUE(change.has_value()) << "the rates differ";
+  EXPECT_EQ(change->saved_khz, saved_khz);
+  EXPECT_EQ(change->host_khz, host_khz);
   if (*tsc_control > 0) {
-    EXPECT_FALSE(change.has_value()) << "this host scales the TSC to the saved rate";
+    EXPECT_EQ(change->khz, saved_khz) << "this host scales the TSC to the saved rate";
   } else {
-    ASSERT_TRUE(change.has_value());
-    EXPECT_EQ(change->saved_khz, saved_khz);
-    EXPECT_EQ(change->khz, host_khz);
+    EXPECT_EQ(change->khz, host_khz) << "no TSC scaling: the guest keeps this host's rate";
   }
   expect_runs_on(**built);
 }
