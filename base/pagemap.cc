@@ -1,6 +1,7 @@
 #include "base/pagemap.h"
 
 #include <fcntl.h>
+#include <cerrno>
 #include <unistd.h>
 
 #include "base/unique_fd.h"
@@ -27,9 +28,15 @@ Result<std::vector<FrameSample>> sample_frames_at(std::span<const uint8_t> bytes
   for (const uint64_t offset : offsets) {
     if (offset % page != 0 || offset >= bytes.size())
       return fail("a sampled page lies outside the mapping or is not page-aligned", EINVAL);
-    if (file.valid() && ::lseek(file.get(), static_cast<off_t>(offset), SEEK_DATA) != static_cast<off_t>(offset)) {
-      samples.push_back({offset, true, 0});
-      continue;
+    if (file.valid()) {
+      // A file that cannot tell (guest_memfd has no SEEK_DATA: EINVAL) is
+      // taken as data; ENXIO or a later offset is a hole.
+      const off_t data = ::lseek(file.get(), static_cast<off_t>(offset), SEEK_DATA);
+      const bool hole = data < 0 ? errno == ENXIO : data != static_cast<off_t>(offset);
+      if (hole) {
+        samples.push_back({offset, true, 0});
+        continue;
+      }
     }
     // A present entry needs the page mapped in this process.
     [[maybe_unused]] volatile uint8_t touched = bytes[offset];

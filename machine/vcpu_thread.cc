@@ -28,6 +28,20 @@ std::string internal_error_text(const kvm_run& run) {
 
 }  // namespace
 
+std::string VcpuThread::where_it_stopped() const {
+  // What the vCPU last showed, for whoever has to find out why.
+  auto regs = vcpu_.get_regs();
+  auto sregs = vcpu_.get_sregs();
+  auto events = vcpu_.get_vcpu_events();
+  if (!regs || !sregs || !events) return "";
+  return fmt::format(" at rip 0x{:x} rsp 0x{:x} rflags 0x{:x} cs 0x{:x} cr0 0x{:x} cr3 0x{:x} cr4 0x{:x}; exception "
+                     "{} nr {} injected {} pending; interrupt {} nr {}; nmi {}",
+                     regs->rip, regs->rsp, regs->rflags, sregs->cs.selector, sregs->cr0, sregs->cr3, sregs->cr4,
+                     events->exception.injected ? "injected" : "none", events->exception.nr,
+                     events->exception.pending, events->interrupt.injected ? "injected" : "none",
+                     events->interrupt.nr, events->nmi.injected ? "injected" : "none");
+}
+
 VcpuThread::VcpuThread(kvm::Vcpu vcpu, VcpuExitHandler& handler)
     : vcpu_(std::move(vcpu)), id_(vcpu_.id()), handler_(handler) {}
 
@@ -227,7 +241,7 @@ bool VcpuThread::handle_exit() {
       return false;
     case KVM_EXIT_SHUTDOWN:
       counts_.other.fetch_add(1, std::memory_order_relaxed);
-      handler_.vcpu_failed(id_, "the guest triple-faulted (KVM_EXIT_SHUTDOWN)");
+      handler_.vcpu_failed(id_, "the guest triple-faulted (KVM_EXIT_SHUTDOWN)" + where_it_stopped());
       return false;
     case KVM_EXIT_INTERNAL_ERROR:
       counts_.other.fetch_add(1, std::memory_order_relaxed);

@@ -77,6 +77,8 @@ class VcpuThread {
   [[nodiscard]] VcpuExitCounts exit_counts() const;
 
  private:
+  // The registers and events after a fatal exit, as text for the report.
+  [[nodiscard]] std::string where_it_stopped() const;
   enum class Command { run, pause, exit };
   void main();
   // Handles one exit; false when the vCPU must park.

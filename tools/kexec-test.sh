@@ -22,7 +22,7 @@ vmm_bin=$repo/build/bin
 # ctest's test binaries land in build/bin/ (the top-level CMakeLists sets the
 # runtime output directory), luo_test among them.
 luo_test=$repo/build/bin/luo_test
-scenarios=boot,luo-conformance,vm-run,gmem-refused,cancel-unloads,kexec-memfd,tsc-rate,kexec-again,kexec-paused,restore-retry,kexec-gmem,kexec-self
+scenarios=boot,luo-conformance,vm-run,binary-updates,gmem-refused,cancel-unloads,kexec-memfd,tsc-rate,kexec-again,kexec-paused,restore-retry,kexec-gmem,kexec-self
 timeout_s=900
 kernel_only=0
 patch_dir=""

@@ -14,6 +14,7 @@
 #include "base/result.h"
 #include "base/unique_fd.h"
 #include "machine/machine.h"
+#include "update/faults.h"
 #include "update/handover_record.h"
 #include "update/live_update.h"
 
@@ -63,6 +64,7 @@ struct LuoArrivalOptions {
   std::string previous_failure;   // set in a rollback: the update that failed
   int luo_manifest_fd = -1;       // set in a rollback: the manifest pass_on wrote anew
   LaunchOptions launch;           // kexec: as given on the command line
+  Fault fault = Fault::none;      // kexec, faults build only: `--x-inject` on the command line
 };
 [[nodiscard]] std::variant<Arrival, int> arrive_by_luo(const LuoArrivalOptions& options);
 

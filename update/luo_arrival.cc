@@ -10,6 +10,7 @@
 #include <spdlog/spdlog.h>
 
 #include "luo/exec_backend.h"
+#include "kvm/system.h"
 #include "luo/kernel_backend.h"
 #include "update/arrival.h"
 #include "update/restore.h"
@@ -142,6 +143,7 @@ std::variant<Arrival, int> arrive_by_luo(const LuoArrivalOptions& options) {
     handover.mode = "kexec";
     handover.session = options.session;
     handover.launch = options.launch;
+    handover.fault = options.fault;
   }
   handover.previous_failure = options.previous_failure;
   // A test's fault is for the attempt that failed, not for the rollback.
@@ -221,6 +223,9 @@ std::variant<Arrival, int> arrive_by_luo(const LuoArrivalOptions& options) {
     if (!session) return give_up(session.error());
     side->session = std::move(*session);
   } else {
+    // What can be checked before the retrieve is: a failure here leaves the
+    // session untouched in the kernel, for the next `vmm restore`.
+    if (auto kvm = kvm::System::open(handover.launch.kvm_device); !kvm) return give_up(kvm.error());
     auto session = retrieve_kernel_session(handover.session);
     if (!session) return give_up(session.error());
     side->session = std::move(*session);

@@ -27,6 +27,7 @@
 #include "base/size.h"
 #include "machine/machine.h"
 #include "update/arrival.h"
+#include "update/faults.h"
 #include "update/handover_record.h"
 #include "update/versions.h"
 #include "vmm/runtime.h"
@@ -225,6 +226,11 @@ int main(int argc, char** argv) {
   restore_command->add_option("--previous-failure", restore.previous_failure)->group("");
   restore_command->add_option("--luo-manifest-fd", restore.luo_manifest_fd)->group("");
   session_option->excludes(handover_option);
+  // A test build's fault for the restore (the kexec lab's failed restores).
+  std::string restore_fault;
+  if (vmm::fault_injection_built())
+    restore_command->add_option("--x-inject", restore_fault, "Test builds only: a fault for this restore")
+        ->group("");
   bool discard = false;
   restore_command
       ->add_flag("--discard", discard,
@@ -297,6 +303,14 @@ int main(int argc, char** argv) {
       return 2;
     }
     if (discard) return vmm::discard_luo_session(restore.session);
+    if (!restore_fault.empty()) {
+      auto fault = vmm::fault_from_string(restore_fault);
+      if (!fault) {
+        spdlog::error("vmm restore --x-inject: {}", fault.error().describe());
+        return 2;
+      }
+      restore.fault = *fault;
+    }
     restore.launch = vmm::launch_options(common);
     return vmm::arrive(vmm::arrive_by_luo(restore), signals->ref());
   }

@@ -135,11 +135,13 @@ int complete(Arrival arrival, FdRef signals) {
   // (After a kexec the start lies before this kernel's boot: negative on its clock.)
   if (record.blackout_started_ns != 0) record.blackout_us = (resumed_ns - record.blackout_started_ns) / 1000;
   record.add_phase("restore", steady_clock::now() - arrival.restore_started);
+  // The guest's heartbeat ring holds a few hundred ms: the watch starts
+  // first, before the prefault and the FINISH compete with it for the CPU.
+  runtime.update->watch_after_resume(arrival.resume_point);
   // This process's page tables for guest RAM start empty; filling them
   // now, beside the guest, takes the host fault out of KVM's re-faults.
   if (arrival.prefault_after_resume) runtime.machine->prefault_in_background();
   if (arrival.after_resume) arrival.after_resume(record);
-  runtime.update->watch_after_resume(arrival.resume_point);
 
   check_guest_frames(*runtime.machine, record);
   record.frames_at_prepare.clear();

@@ -256,6 +256,18 @@ TEST(RestoreCommand, WithoutLiveUpdateDeviceGivesOneClearError) {
   EXPECT_EQ(std::ranges::count(err, '\n'), 1) << err;
 }
 
+// A KVM device that cannot be opened is found before the session is
+// retrieved, so the session stays in the kernel for the next attempt.
+TEST(RestoreCommand, AMissingKvmDeviceIsReportedBeforeTheRetrieve) {
+  auto [status, err] = ASSERT_OK(VmmProcess::run_to_exit(
+      {"restore", "--session", "vm-1", "--console", "none", "--kvm-device", "/nonexistent/kvm"}));
+  EXPECT_TRUE(status.exited);
+  EXPECT_EQ(status.code, 1);
+  EXPECT_NE(err.find("/nonexistent/kvm"), std::string::npos) << err;
+  EXPECT_EQ(err.find("/dev/liveupdate"), std::string::npos) << "nothing was asked of LUO: " << err;
+  EXPECT_EQ(std::ranges::count(err, '\n'), 1) << err;
+}
+
 TEST(RestoreCommand, RequiresASessionName) {
   auto [status, err] = ASSERT_OK(VmmProcess::run_to_exit({"restore"}));
   EXPECT_NE(status.code, 0);
