@@ -304,7 +304,7 @@ Result<VcpuState> Vcpu::save(std::span<const uint32_t> msr_indices) const {
   return state;
 }
 
-Result<void> Vcpu::restore(const VcpuState& state) {
+Result<void> Vcpu::restore(const VcpuState& state, TscRestore* tsc) {
   if (state.id != id_) {
     return fail(fmt::format("cannot restore the state of vcpu {} into vcpu {}: the APIC ids in "
                             "CPUID and the LAPIC would not match",
@@ -318,7 +318,12 @@ Result<void> Vcpu::restore(const VcpuState& state) {
     VMM_TRY(set_cpuid_entries(state.cpuid));
   if (state.tsc_khz != 0) {
     VMM_TRY_ASSIGN(current_khz, get_tsc_khz());
-    if (current_khz != state.tsc_khz) VMM_TRY(set_tsc_khz(state.tsc_khz));
+    if (current_khz != state.tsc_khz) {
+      if (tsc) tsc->host_khz = current_khz;
+      auto set = set_tsc_khz(state.tsc_khz);
+      if (!set && !(tsc && set.error().code == EINVAL)) return set;
+      if (!set) tsc->kept_host_rate = true;
+    }
   }
   // Special registers before the general ones: they set the CPU mode
   // (CR0/CR4/EFER) and APIC_BASE, which the LAPIC state is read against.

@@ -78,7 +78,15 @@ class Vcpu {
   [[nodiscard]] Result<VcpuState> save(std::span<const uint32_t> msr_indices) const;
   // Applies `state` (taken from a vCPU with the same id) to this vCPU,
   // which must not have run yet: KVM refuses a different CPUID after KVM_RUN.
-  [[nodiscard]] Result<void> restore(const VcpuState& state);
+  // What restore() did with the TSC rate (see restore's `tsc`).
+  struct TscRestore {
+    uint64_t host_khz = 0;        // this host's rate, where it differs from the saved one
+    bool kept_host_rate = false;  // KVM could not run the saved rate: the vCPU runs at host_khz
+  };
+  // With `tsc`, a saved TSC rate KVM cannot run (KVM_SET_TSC_KHZ EINVAL: no
+  // TSC scaling and slower than this host) is not an error: the vCPU keeps
+  // this host's rate and `tsc` says so. Without it, that fails the restore.
+  [[nodiscard]] Result<void> restore(const VcpuState& state, TscRestore* tsc = nullptr);
 
  private:
   Vcpu(UniqueFd fd, uint32_t id, kvm_run* run, int mmap_size)

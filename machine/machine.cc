@@ -71,24 +71,16 @@ Result<void> Machine::load_state(const migration::SavedState& state) {
   // (KVM derives it from the real rate); a guest timing by the raw TSC drifts
   // by the difference until it recalibrates.
   const uint64_t saved_khz = state.vcpus.empty() ? 0 : state.vcpus[0].tsc_khz;
-  std::vector<uint64_t> host_khz(vcpus_.size(), 0);  // this host's rate, where it differs from the saved one
-  std::vector<char> at_host_rate(vcpus_.size(), 0);   // ... and KVM could not run the saved one
-  VMM_TRY(vcpus_.on_every_vcpu([&](size_t i, kvm::Vcpu& vcpu) -> Result<void> {
-    const uint64_t wanted = state.vcpus[i].tsc_khz;
-    if (wanted == 0) return {};
-    VMM_TRY_ASSIGN(current, vcpu.get_tsc_khz());
-    if (current == wanted) return {};
-    host_khz[i] = current;
-    auto set = vcpu.set_tsc_khz(wanted);
-    if (set) return {};
-    if (set.error().code != EINVAL) return set;
-    at_host_rate[i] = 1;
-    return {};
-  }));
+  std::vector<kvm::Vcpu::TscRestore> tsc(vcpus_.size());
+  VMM_TRY(vcpus_.on_every_vcpu([&](size_t i, kvm::Vcpu& vcpu) { return vcpu.restore(state.vcpus[i], &tsc[i]); }));
   tsc_rate_change_.reset();
-  if (std::ranges::any_of(host_khz, [](uint64_t khz) { return khz != 0; })) {
-    const uint64_t host = *std::ranges::max_element(host_khz);
-    const bool kept_host_rate = std::ranges::any_of(at_host_rate, [](char kept) { return kept != 0; });
+  uint64_t host = 0;
+  bool kept_host_rate = false;
+  for (const auto& vcpu : tsc) {
+    host = std::max(host, vcpu.host_khz);
+    kept_host_rate = kept_host_rate || vcpu.kept_host_rate;
+  }
+  if (host != 0) {
     const uint64_t khz = kept_host_rate ? host : saved_khz;
     tsc_rate_change_ = TscRateChange{saved_khz, host, khz};
     const double ppm = saved_khz ? (static_cast<double>(host) - static_cast<double>(saved_khz)) * 1e6 /
@@ -105,12 +97,6 @@ Result<void> Machine::load_state(const migration::SavedState& state) {
                    saved_khz, host, ppm);
     }
   }
-  VMM_TRY(vcpus_.on_every_vcpu([&](size_t i, kvm::Vcpu& vcpu) -> Result<void> {
-    if (!at_host_rate[i]) return vcpu.restore(state.vcpus[i]);
-    kvm::VcpuState at_this_rate = state.vcpus[i];
-    at_this_rate.tsc_khz = 0;  // leave the rate as it is
-    return vcpu.restore(at_this_rate);
-  }));
   spdlog::debug("state loaded: VM {} us, {} vCPU(s) {} us", duration_cast<microseconds>(vm_done - started).count(),
                 state.vcpus.size(), duration_cast<microseconds>(steady_clock::now() - vm_done).count());
 
