@@ -35,6 +35,24 @@ sockaddr_un holder_address(const std::string& name, socklen_t* length) {
 
 enum class HoldEnd { taken, elsewhere, signal };
 
+// One byte and room for one descriptor, as sendmsg/recvmsg take them. No
+// allocation: the twin uses it right after fork().
+struct OneFdMessage {
+  char control[CMSG_SPACE(sizeof(int))] = {};
+  char byte = 0;
+  iovec iov{&byte, 1};
+  msghdr header{};
+
+  explicit OneFdMessage(char value) : byte(value) {
+    header.msg_iov = &iov;
+    header.msg_iovlen = 1;
+    header.msg_control = control;
+    header.msg_controllen = sizeof(control);
+  }
+  OneFdMessage(const OneFdMessage&) = delete;
+  OneFdMessage& operator=(const OneFdMessage&) = delete;
+};
+
 // One holder's loop. Only system calls, no allocation and no logging: the
 // twin runs it right after fork() in a process that may have had threads.
 HoldEnd serve(int listener, int done, int session, int signals) {
@@ -64,15 +82,8 @@ HoldEnd serve(int listener, int done, int session, int signals) {
       ::close(client);
       continue;
     }
-    char control[CMSG_SPACE(sizeof(int))] = {};
-    char byte = kTake;
-    iovec iov{&byte, 1};
-    msghdr message{};
-    message.msg_iov = &iov;
-    message.msg_iovlen = 1;
-    message.msg_control = control;
-    message.msg_controllen = sizeof(control);
-    cmsghdr* header = CMSG_FIRSTHDR(&message);
+    OneFdMessage message(kTake);
+    cmsghdr* header = CMSG_FIRSTHDR(&message.header);
     header->cmsg_level = SOL_SOCKET;
     header->cmsg_type = SCM_RIGHTS;
     header->cmsg_len = CMSG_LEN(sizeof(int));
@@ -80,7 +91,7 @@ HoldEnd serve(int listener, int done, int session, int signals) {
     char ack = 0;
     // Held on until the client says it has its own reference: a client that
     // dies midway leaves the session here.
-    if (::sendmsg(client, &message, MSG_NOSIGNAL) == 1 && ::read(client, &ack, 1) == 1 && ack == kTaken) {
+    if (::sendmsg(client, &message.header, MSG_NOSIGNAL) == 1 && ::read(client, &ack, 1) == 1 && ack == kTaken) {
       const uint64_t one = 1;
       [[maybe_unused]] ssize_t w = ::write(done, &one, sizeof(one));
       ::close(client);
@@ -163,18 +174,11 @@ Result<UniqueFd> take_held_session(const std::string& name) {
   timeval timeout{10, 0};
   ::setsockopt(socket.get(), SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
   if (::write(socket.get(), &kTake, 1) != 1) return fail_errno("cannot ask the session's holder");
-  char control[CMSG_SPACE(sizeof(int))] = {};
-  char byte = 0;
-  iovec iov{&byte, 1};
-  msghdr message{};
-  message.msg_iov = &iov;
-  message.msg_iovlen = 1;
-  message.msg_control = control;
-  message.msg_controllen = sizeof(control);
-  if (::recvmsg(socket.get(), &message, MSG_CMSG_CLOEXEC) != 1)
+  OneFdMessage message(0);
+  if (::recvmsg(socket.get(), &message.header, MSG_CMSG_CLOEXEC) != 1)
     return fail_errno(fmt::format("the holder of the LUO session '{}' did not answer", name));
-  cmsghdr* header = CMSG_FIRSTHDR(&message);
-  if (byte != kTake || !header || header->cmsg_type != SCM_RIGHTS || header->cmsg_len != CMSG_LEN(sizeof(int)))
+  cmsghdr* header = CMSG_FIRSTHDR(&message.header);
+  if (message.byte != kTake || !header || header->cmsg_type != SCM_RIGHTS || header->cmsg_len != CMSG_LEN(sizeof(int)))
     return fail(fmt::format("the holder of the LUO session '{}' sent no session", name), EPROTO);
   int fd = -1;
   std::memcpy(&fd, CMSG_DATA(header), sizeof(int));
