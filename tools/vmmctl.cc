@@ -30,6 +30,8 @@ using vmm::control::Client;
 
 constexpr int kExitCommandFailed = 1;
 constexpr int kExitUnreachable = 2;
+// How long `live-update` waits for its reply unless --timeout says otherwise.
+constexpr double kLiveUpdateReplySeconds = 600;
 
 struct Output {
   bool compact = false;
@@ -137,8 +139,9 @@ int main(int argc, char** argv) {
   app.add_option("-s,--socket", socket_path, "The vmm's control socket")->required()->envname("VMM_CONTROL_SOCKET");
   app.add_flag("--json", output.compact, "Print compact one-line JSON");
   app.add_flag("--events", output.show_events, "Also print events that arrive while waiting");
-  app.add_option("--timeout", timeout_seconds, "Seconds to wait for each reply or event")
-      ->check(CLI::PositiveNumber);
+  CLI::Option* timeout_option =
+      app.add_option("--timeout", timeout_seconds, "Seconds to wait for each reply or event")
+          ->check(CLI::PositiveNumber);
   app.add_option("--wait-event", wait_event_name,
                  "Wait for this event (after running the command, if one is given) and print it");
 
@@ -195,6 +198,11 @@ int main(int argc, char** argv) {
   // little longer than that for its reply.
   if (!subcommands.empty() && subcommands.front() == verify)
     timeout_seconds = std::max(timeout_seconds, guest_timeout_seconds.value_or(60.0) + 5.0);
+  // A live update answers when it is over: a kexec loads a kernel first, and
+  // a prepare on a busy host can take far longer than a query. Unless told,
+  // wait as long as the vmm itself would let an update run.
+  if (!subcommands.empty() && subcommands.front() == live_update && timeout_option->count() == 0)
+    timeout_seconds = kLiveUpdateReplySeconds;
   if (!subcommands.empty() && subcommands.front() == raw) {
     // Refused before connecting: no reply would ever come.
     if (auto problem = raw_request_problem(raw_request)) {

@@ -45,7 +45,15 @@ class ScriptedHandler final : public CommandHandler {
       std::this_thread::sleep_for(delay);
       return arguments;
     }
-    if (command == "live-update") return arguments;
+    if (command == "live-update") {
+      std::chrono::milliseconds delay{};
+      {
+        std::lock_guard lock(mutex_);
+        delay = live_update_delay_;
+      }
+      std::this_thread::sleep_for(delay);
+      return arguments;
+    }
     if (command == "cont") return std::unexpected(CommandError{kGenericError, "the VM is not paused"});
     return std::unexpected(CommandError{kCommandNotFound, "The command " + command + " has not been found"});
   }
@@ -53,6 +61,11 @@ class ScriptedHandler final : public CommandHandler {
   void delay_guest_verify(std::chrono::milliseconds delay) {
     std::lock_guard lock(mutex_);
     guest_verify_delay_ = delay;
+  }
+  // live-update takes this long before it replies.
+  void delay_live_update(std::chrono::milliseconds delay) {
+    std::lock_guard lock(mutex_);
+    live_update_delay_ = delay;
   }
   // Runs inside "stop" (on a server thread), e.g. to emit an event.
   void on_stop(std::function<void()> hook) {
@@ -64,6 +77,7 @@ class ScriptedHandler final : public CommandHandler {
   std::mutex mutex_;
   std::function<void()> on_stop_;
   std::chrono::milliseconds guest_verify_delay_{};
+  std::chrono::milliseconds live_update_delay_{};
 };
 
 struct VmmctlRun {
@@ -187,6 +201,20 @@ TEST_F(VmmctlTest, RawGuestVerifyWaitsForItsOwnTimeout) {
   VmmctlRun run = vmmctl(R"(--json --timeout 0.5 raw '{"execute": "guest-verify", "arguments": {"timeout": 2}}')");
   EXPECT_EQ(run.exit_status, 0) << run.errors;
   EXPECT_EQ(run.output, "{\"return\":{\"timeout\":2}}\n");
+}
+
+// live-update waits 600 s for its reply unless --timeout says otherwise
+// (not tested: too slow); a given timeout is kept to.
+TEST_F(VmmctlTest, LiveUpdateKeepsToAGivenTimeout) {
+  using namespace std::chrono_literals;
+  handler_.delay_live_update(1500ms);
+  VmmctlRun told = vmmctl("--json --timeout 0.5 live-update --mode exec");
+  EXPECT_EQ(told.exit_status, 2) << told.errors;
+  EXPECT_LT(told.took, 1400ms);
+  handler_.delay_live_update(0ms);
+  VmmctlRun quick = vmmctl("--json live-update --mode exec");
+  EXPECT_EQ(quick.exit_status, 0) << quick.errors;
+  EXPECT_EQ(quick.output, "{\"mode\":\"exec\"}\n");
 }
 
 TEST_F(VmmctlTest, WaitsForAnEventAfterTheCommand) {
