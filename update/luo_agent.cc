@@ -233,6 +233,15 @@ Result<void> clear_stale_socket(const std::string& path) {
 
 }  // namespace
 
+Result<std::unique_ptr<control::Server>> listen_luo_agent(const std::string& path, LuoAgent& agent) {
+  control::ServerOptions options;
+  options.version = luo_agent_version();
+  options.max_line_bytes = kMaxLuoAgentRequestBytes;
+  // Every vmm of the host may restore at once after a kexec.
+  options.max_clients = 64;
+  return control::Server::listen(path, agent, options);
+}
+
 int run_luo_agent(const std::string& socket_path, const std::string& device, FdRef signals) {
   if (socket_path.empty()) {
     spdlog::error("vmm agent: --socket is empty: give the path of the socket to create (default {})",
@@ -257,11 +266,7 @@ int run_luo_agent(const std::string& socket_path, const std::string& device, FdR
     spdlog::error("{}", agent.error().describe());
     return 1;
   }
-  control::ServerOptions options;
-  options.version = luo_agent_version();
-  options.max_line_bytes = 4096;  // a request names one session
-  options.max_clients = 64;
-  auto server = control::Server::listen(socket_path, **agent, options);
+  auto server = listen_luo_agent(socket_path, **agent);
   if (!server) {
     spdlog::error("vmm agent: {}", server.error().describe());
     return 1;

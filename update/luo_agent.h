@@ -33,6 +33,9 @@
 #include "vmm/control/handler.h"
 
 namespace vmm {
+namespace control {
+class Server;
+}
 
 inline constexpr const char* kDefaultLuoAgentSocket = "/run/vmm/luo-agent.sock";
 // The agent's protocol: in its greeting and checked by `hello`. A client
@@ -81,6 +84,11 @@ class LuoAgent final : public control::CommandHandler {
   std::string device_path_;
   std::map<std::string, Held> sessions_;
 };
+
+// Serves `agent` on a new socket at `path` with the agent's options (its
+// greeting, a request line of at most kMaxLuoAgentRequestBytes).
+inline constexpr size_t kMaxLuoAgentRequestBytes = 4096;  // a request names one session
+[[nodiscard]] Result<std::unique_ptr<control::Server>> listen_luo_agent(const std::string& path, LuoAgent& agent);
 
 // `vmm agent`: opens the device, serves `socket_path` until SIGINT/SIGTERM
 // (blocked by the caller and read from `signals`). Returns the exit status.
