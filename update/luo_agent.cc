@@ -248,6 +248,13 @@ int run_luo_agent(const std::string& socket_path, const std::string& device, FdR
                   kDefaultLuoAgentSocket);
     return 2;
   }
+  // The device first: without it there is nothing to serve, and nothing is
+  // created on disk.
+  auto agent = LuoAgent::open(device);
+  if (!agent) {
+    spdlog::error("{}", agent.error().describe());
+    return 1;
+  }
   // /run/vmm may not exist on a fresh boot: the agent is the first to need it.
   const auto slash = socket_path.rfind('/');
   if (slash != std::string::npos && slash > 0) {
@@ -259,11 +266,6 @@ int run_luo_agent(const std::string& socket_path, const std::string& device, FdR
   }
   if (auto cleared = clear_stale_socket(socket_path); !cleared) {
     spdlog::error("vmm agent: {}", cleared.error().describe());
-    return 1;
-  }
-  auto agent = LuoAgent::open(device);
-  if (!agent) {
-    spdlog::error("{}", agent.error().describe());
     return 1;
   }
   auto server = listen_luo_agent(socket_path, **agent);
