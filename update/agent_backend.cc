@@ -4,6 +4,7 @@
 #include <spdlog/spdlog.h>
 
 #include "update/luo_agent.h"
+#include "update/session_source.h"
 
 namespace vmm {
 namespace {
@@ -17,9 +18,13 @@ Result<std::shared_ptr<AgentConnection>> AgentConnection::connect(const std::str
   auto client = control::Client::connect(path, timeout);
   if (!client) {
     const int code = client.error().code;
+    const std::string why = code == ENOENT         ? "no socket there"
+                            : code == ECONNREFUSED ? "nothing listens on it: the stale socket of an agent that is gone"
+                                                   : client.error().describe();
     return std::unexpected(Error{code, fmt::format("no LUO agent answers at {} ({}): start `vmm agent --socket {}`, "
-                                                   "or leave the agent out to use /dev/liveupdate directly",
-                                                   path, client.error().describe(), path)});
+                                                   "or leave the agent out (no --luo-agent, no ${}) to use "
+                                                   "/dev/liveupdate directly",
+                                                   path, why, path, kLuoAgentEnvironment)});
   }
   // The greeting says which protocol the agent speaks; refuse another one
   // before asking it anything.

@@ -3,13 +3,13 @@
 #include <sys/stat.h>
 
 #include <cstdlib>
-#include <thread>
 
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
 #include "update/agent_backend.h"
 #include "update/luo_agent.h"
+#include "update/restore.h"
 
 namespace vmm {
 
@@ -25,23 +25,6 @@ SessionSourceOptions session_source_options(const std::string& default_socket) {
   if (::stat(fallback.c_str(), &st) == 0) options.agent_socket = fallback;
   return options;
 }
-
-namespace {
-
-Result<std::unique_ptr<luo::KernelBackend>> open_device(const SessionSourceOptions& options,
-                                                        const std::atomic<bool>* cancelled,
-                                                        std::chrono::milliseconds busy_wait) {
-  using namespace std::chrono;
-  const auto deadline = steady_clock::now() + busy_wait;
-  while (true) {
-    auto backend = luo::KernelBackend::open(options.device, options.syscalls);
-    if (backend || backend.error().code != EBUSY || steady_clock::now() >= deadline || (cancelled && *cancelled))
-      return backend;
-    std::this_thread::sleep_for(milliseconds(50));
-  }
-}
-
-}  // namespace
 
 Result<SessionSource> open_session_source(const SessionSourceOptions& options, const std::atomic<bool>* cancelled,
                                           std::chrono::milliseconds busy_wait) {
@@ -60,7 +43,7 @@ Result<SessionSource> open_session_source(const SessionSourceOptions& options, c
     if (agent.error().code == EPROTO) return std::unexpected(agent.error());
     spdlog::warn("luo: {}; using {} directly", agent.error().describe(), options.device);
   }
-  VMM_TRY_ASSIGN(device, open_device(options, cancelled, busy_wait));
+  VMM_TRY_ASSIGN(device, open_liveupdate(cancelled, busy_wait, options.device, options.syscalls));
   spdlog::info("luo: sessions from {} (no LUO agent)", options.device);
   return SessionSource{std::move(device), "device", options.device};
 }
