@@ -15,6 +15,7 @@
 #include "kvm/uapi.h"
 #include "luo/kernel_backend.h"
 #include "update/restore.h"
+#include "update/session_source.h"
 
 namespace vmm {
 namespace {
@@ -38,7 +39,7 @@ json file_json(const LuoFileSupport& file) {
 }  // namespace
 
 json KexecSupport::to_json() const {
-  json out = {{"liveupdate", liveupdate}};
+  json out = {{"liveupdate", liveupdate}, {"session_source", session_source}};
   if (!liveupdate) {
     out["unavailable"] = unavailable;
     return out;
@@ -56,19 +57,32 @@ json KexecSupport::to_json() const {
 
 Result<KexecSupport> probe_kexec_support(const std::string& kvm_device, std::chrono::milliseconds busy_wait,
                                          const std::atomic<bool>* cancelled) {
+  return probe_kexec_support(session_source_options(), kvm_device, busy_wait, cancelled);
+}
+
+Result<KexecSupport> probe_kexec_support(const SessionSourceOptions& options, const std::string& kvm_device,
+                                         std::chrono::milliseconds busy_wait, const std::atomic<bool>* cancelled) {
   KexecSupport support;
-  struct stat st {};
-  if (::stat(luo::kLiveUpdateDevice, &st) != 0) {
+  const auto unavailable = [&] {
     support.unavailable = fmt::format("{} not found: this kernel lacks CONFIG_LIVEUPDATE or was booted without "
                                       "'kho=on liveupdate=on'",
-                                      luo::kLiveUpdateDevice);
+                                      options.device);
     return support;
-  }
-  VMM_TRY_ASSIGN(backend, open_liveupdate(cancelled, busy_wait));
+  };
+  // An agent holds the device for us, wherever it is; without one the
+  // device must be here.
+  struct stat st {};
+  const bool device_present = ::stat(options.device.c_str(), &st) == 0;
+  if (!device_present && options.agent_socket.empty()) return unavailable();
+  auto source = open_session_source(options, cancelled, busy_wait);
+  if (!source && !device_present && source.error().code == ENOENT && !options.agent_required) return unavailable();
+  if (!source) return std::unexpected(source.error());
   support.liveupdate = true;
+  support.session_source = source->kind;
   // The pid keeps two vmms probing one after the other apart; the session
-  // goes when `session` does, and with it everything preserved in it.
-  VMM_TRY_ASSIGN(session, with_context(backend->create_session(fmt::format("vmm-probe-{}", ::getpid())),
+  // goes when `session` does, and with it everything preserved in it (an
+  // agent's session is released then).
+  VMM_TRY_ASSIGN(session, with_context(source->backend->create_session(fmt::format("vmm-probe-{}", ::getpid())),
                                        "probing what this kernel's LUO preserves"));
 
   UniqueFd memfd(::memfd_create("vmm-luo-probe", MFD_CLOEXEC));
@@ -97,7 +111,11 @@ Result<KexecSupport> kexec_support(const std::string& kvm_device, std::chrono::m
   static std::optional<KexecSupport> known;
   {
     std::lock_guard lock(mutex);
-    if (known) return *known;
+    if (known) {
+      KexecSupport cached = *known;
+      cached.session_source = probe_session_source_kind(session_source_options());
+      return cached;
+    }
   }
   // Probed outside the lock: it may wait for the device.
   VMM_TRY_ASSIGN(probed, probe_kexec_support(kvm_device, busy_wait, cancelled));

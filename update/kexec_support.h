@@ -15,6 +15,7 @@
 
 #include "base/result.h"
 #include "machine/machine.h"
+#include "update/session_source.h"
 
 namespace vmm {
 
@@ -28,20 +29,30 @@ struct KexecSupport {
   bool liveupdate = false;  // /dev/liveupdate exists and opened
   std::string unavailable;  // why there is no kexec live update at all
   LuoFileSupport memfd, vm_fd, guest_memfd;
+  // Where the sessions come from: "agent" (the LUO session agent) or
+  // "device" (/dev/liveupdate, opened by this vmm); update/session_source.h.
+  std::string session_source = "device";
 
   [[nodiscard]] nlohmann::json to_json() const;
 };
 
-// Probes the running kernel. Opens /dev/liveupdate only for the probe (it is
-// single-open), waiting up to `busy_wait` while another vmm holds it. An
+// Probes the running kernel, through the LUO agent when one answers, else
+// by opening /dev/liveupdate only for the probe (it is single-open), waiting
+// up to `busy_wait` while another vmm holds it. An
 // absent device is a result (liveupdate false), not an error; a device busy
 // past the wait, or a probe that could not run, is an error.
 [[nodiscard]] Result<KexecSupport> probe_kexec_support(const std::string& kvm_device,
                                                        std::chrono::milliseconds busy_wait,
                                                        const std::atomic<bool>* cancelled = nullptr);
+// The same with the session source given (tests: a fake kernel behind it).
+[[nodiscard]] Result<KexecSupport> probe_kexec_support(const SessionSourceOptions& options,
+                                                       const std::string& kvm_device,
+                                                       std::chrono::milliseconds busy_wait,
+                                                       const std::atomic<bool>* cancelled = nullptr);
 
 // The probe, run once per process: the kernel does not change under a
-// running vmm. Failed probes are not kept.
+// running vmm. Failed probes are not kept. The session source can change
+// (an agent started or stopped): it is looked at again on every call.
 [[nodiscard]] Result<KexecSupport> kexec_support(const std::string& kvm_device, std::chrono::milliseconds busy_wait,
                                                  const std::atomic<bool>* cancelled = nullptr);
 

@@ -15,6 +15,8 @@
 #include "update/arrival.h"
 #include "update/restore.h"
 #include "update/session_holder.h"
+#include "update/agent_backend.h"
+#include "update/session_source.h"
 
 extern char** environ;
 
@@ -43,13 +45,16 @@ void reply_failure(int connection_fd, const json& reply_id, const std::string& d
 // The kexec side's session: from the kernel, or, when an earlier restore of
 // it failed and holds it (the kernel then says it was retrieved already),
 // from that restore's holders.
+// With a LUO agent, the agent: it retrieved the session once and hands out
+// the same one again after a failed restore.
 Result<std::unique_ptr<luo::Session>> retrieve_kernel_session(const std::string& name) {
   Result<std::unique_ptr<luo::Session>> session = std::unexpected(Error{});
   {
     // /dev/liveupdate is single-open: held only for the retrieve, so another
     // vmm can restore its own VM (or a later update can start) meanwhile.
-    VMM_TRY_ASSIGN(device, open_liveupdate());
-    session = device->retrieve_session(name);
+    VMM_TRY_ASSIGN(source, open_session_source(session_source_options()));
+    session = source.backend->retrieve_session(name);
+    if (source.kind == "agent") return session;
   }
   if (session || session.error().code != EINVAL) return session;
   auto held = take_held_session(name);
@@ -204,6 +209,12 @@ std::variant<Arrival, int> arrive_by_luo(const LuoArrivalOptions& options) {
       spdlog::error("{}", desc);
       reply_failure(connection_fd, reply_id, desc);
       if (!session_retrieved || exec_mode) return 1;
+      if (dynamic_cast<AgentSession*>(side->session.get())) {
+        spdlog::error("the LUO agent keeps the unfinished session '{}' and the guest's memory: `vmm restore "
+                      "--session {}` tries again, `vmm restore --session {} --discard` drops it",
+                      session_name, session_name, session_name);
+        return 1;
+      }
       auto* kernel_session = dynamic_cast<luo::KernelSession*>(side->session.get());
       if (!kernel_session) return 1;
       return hold_session(kernel_session->fd(), session_name);

@@ -16,6 +16,7 @@
 #include "update/handover.h"
 #include "update/kexec_support.h"
 #include "update/restore.h"
+#include "update/session_source.h"
 #include "update/state_memfd.h"
 #include "update/versions.h"
 #include "vmm/control/server.h"
@@ -163,7 +164,10 @@ class KexecHandover final : public Handover {
     // VM it cannot carry is refused here, with the guest running.
     VMM_TRY_ASSIGN(support, kexec_support(context.launch.kvm_device, seconds(10), &context.cancelled));
     VMM_TRY(check_kexec_support(support, context.machine));
-    VMM_TRY_ASSIGN(backend, open_liveupdate(&context.cancelled));
+    // The LUO agent when one answers, else the device (update/session_source.h).
+    VMM_TRY_ASSIGN(source, open_session_source(session_source_options(), &context.cancelled));
+    spdlog::info("live update: kexec with sessions from the {} ({})", source.kind, source.where);
+    std::unique_ptr<luo::Backend> backend = std::move(source.backend);
     // Loaded now, while the guest still runs, so the load stays out of the
     // blackout. Like `kexec --reuse-cmdline`, the running kernel's command
     // line is the default.
@@ -178,8 +182,9 @@ class KexecHandover final : public Handover {
     // A kernel without a KVM LUO handler (mainline 7.x) gets no VM fd: the
     // new kernel's vmm builds a new VM around the memfds, as after an exec.
     VMM_TRY_ASSIGN(prepared, session_.fill(*backend, context, support.vm_fd.preservable));
-    // The session lives as long as its own descriptor: the device is not
-    // needed again, and another vmm may want it (it is single-open).
+    // The session lives as long as its own descriptor (and the agent's, with
+    // an agent): the device is not needed again, and another vmm may want it
+    // (it is single-open).
     backend.reset();
     return prepared;
   }

@@ -76,11 +76,12 @@ Result<RetrievedVm> retrieve_vm(luo::Session& session, Fault fault) {
 }
 
 Result<std::unique_ptr<luo::KernelBackend>> open_liveupdate(const std::atomic<bool>* cancelled,
-                                                            std::chrono::milliseconds busy_wait) {
+                                                            std::chrono::milliseconds busy_wait,
+                                                            const std::string& device, luo::KernelSyscalls syscalls) {
   using namespace std::chrono;
   const auto deadline = steady_clock::now() + busy_wait;
   while (true) {
-    auto backend = luo::KernelBackend::open();
+    auto backend = luo::KernelBackend::open(device, syscalls);
     if (backend || backend.error().code != EBUSY || steady_clock::now() >= deadline || (cancelled && *cancelled))
       return backend;
     std::this_thread::sleep_for(milliseconds(50));

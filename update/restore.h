@@ -35,8 +35,11 @@ struct RetrievedVm {
 // it for a moment. Retries EBUSY for up to `busy_wait` (or until
 // `cancelled`), then returns the device's own error, which names who to
 // look for.
+// `device` and `syscalls` are for tests (a fake kernel). With a LUO agent
+// the vmm does not open the device at all: update/session_source.h.
 [[nodiscard]] Result<std::unique_ptr<luo::KernelBackend>> open_liveupdate(
-    const std::atomic<bool>* cancelled = nullptr, std::chrono::milliseconds busy_wait = std::chrono::seconds(10));
+    const std::atomic<bool>* cancelled = nullptr, std::chrono::milliseconds busy_wait = std::chrono::seconds(10),
+    const std::string& device = luo::kLiveUpdateDevice, luo::KernelSyscalls syscalls = luo::real_kernel_syscalls());
 
 // Moves every vCPU's TSC and the kvmclock forward by the time the VM spent
 // frozen, so the guest sees the real time that passed.

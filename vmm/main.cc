@@ -6,6 +6,8 @@
 //                          `live-update` in exec mode (`--handover-fd N`)
 //   vmm transfer-target    the new process of a transfer live update
 //   vmm handover-info      the handover formats this binary speaks (JSON)
+//   vmm agent              the LUO session agent: the host's one owner of
+//                          /dev/liveupdate, handing sessions to the vmms
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/un.h>
@@ -29,6 +31,8 @@
 #include "update/arrival.h"
 #include "update/faults.h"
 #include "update/handover_record.h"
+#include "update/luo_agent.h"
+#include "update/session_source.h"
 #include "update/versions.h"
 #include "vmm/runtime.h"
 
@@ -248,6 +252,27 @@ int main(int argc, char** argv) {
   auto* info_command = app.add_subcommand("handover-info", "Print the handover formats this binary speaks (JSON)");
   info_command->group("");
 
+  std::string agent_socket = vmm::kDefaultLuoAgentSocket;
+  std::string agent_device = vmm::luo::kLiveUpdateDevice;
+  auto* agent_command = app.add_subcommand(
+      "agent", "Run the LUO session agent: open /dev/liveupdate once and hand its sessions to the vmms of this host");
+  agent_command->add_option("--socket", agent_socket, "Path of the agent's socket (created with mode 0600)")
+      ->capture_default_str();
+  agent_command->add_option("--device", agent_device, "The Live Update Orchestrator device")->capture_default_str();
+  agent_command->add_option("--log-level", common.log_level, "Log level: trace, debug, info, warn, error, critical, off")
+      ->capture_default_str();
+
+  // Where kexec updates and `vmm restore` get their LUO sessions. Put in the
+  // environment, so that a vmm started by an exec or transfer update, or
+  // its rollback, asks the same agent.
+  std::string luo_agent;
+  for (auto* command : {run_command, restore_command}) {
+    command->add_option("--luo-agent", luo_agent,
+                        fmt::format("Get LUO sessions from the agent at PATH (`vmm agent`); default: ${} or {} when "
+                                    "it exists, else /dev/liveupdate directly",
+                                    vmm::kLuoAgentEnvironment, vmm::kDefaultLuoAgentSocket));
+  }
+
   for (auto* command : {run_command, restore_command, transfer_command}) {
     command->add_option("--console", common.console, "Serial console output: stdout, none, or a file PATH")
         ->capture_default_str();
@@ -287,12 +312,14 @@ int main(int argc, char** argv) {
     std::puts(vmm::this_binary_versions().to_json().dump().c_str());
     return 0;
   }
+  if (!luo_agent.empty()) ::setenv(vmm::kLuoAgentEnvironment, luo_agent.c_str(), 1);
   if (run_command->parsed()) return vmm::run_vm(common, run);
   auto signals = vmm::shutdown_signals();
   if (!signals) {
     spdlog::error("{}", signals.error().describe());
     return 1;
   }
+  if (agent_command->parsed()) return vmm::run_luo_agent(agent_socket, agent_device, signals->ref());
   if (transfer_command->parsed()) {
     transfer.launch = vmm::launch_options(common);
     return vmm::arrive(vmm::arrive_by_transfer(transfer), signals->ref());

@@ -303,6 +303,8 @@ TEST(LiveUpdate, KexecModeFailsClearlyHereAndTheGuestContinues) {
   // What a kexec could do here, for a management tool to read first.
   EXPECT_EQ(record["kexec"]["liveupdate"], false) << record.dump();
   EXPECT_NE(record["kexec"].value("unavailable", "").find("/dev/liveupdate"), std::string::npos) << record.dump();
+  // No LUO agent here: the device alone, as before there was one.
+  EXPECT_EQ(record["kexec"]["session_source"], "device") << record.dump();
   expect_guest_carries_on(vm, heartbeat, 1);
 }
 

@@ -1,5 +1,7 @@
 #include "vmm/control/client.h"
 
+#include "base/fd_passing.h"
+
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/socket.h>
@@ -141,14 +143,18 @@ Result<std::string> Client::read_line(Clock::time_point deadline) {
     scanned = input_.size();
     if (input_.size() > kMaxReplyBytes) return fail("reply from the control socket is too long");
     std::array<char, 16 * 1024> chunk{};
-    ssize_t received = ::recv(fd_.get(), chunk.data(), chunk.size(), 0);
-    if (received > 0) {
-      input_.append(chunk.data(), static_cast<std::size_t>(received));
+    // recvmsg, not recv: descriptors a reply carries (the LUO agent's) would
+    // otherwise be closed by the kernel unseen.
+    auto received = receive_with_fds(fd_.ref(), chunk, received_fds_);
+    if (received && *received > 0) {
+      input_.append(chunk.data(), *received);
       continue;
     }
-    if (received == 0) return fail("the server closed the connection");
-    if (errno == EINTR) continue;
-    if (errno != EAGAIN && errno != EWOULDBLOCK) return fail_errno("read from the control socket");
+    if (received) return fail("the server closed the connection");
+    const int code = received.error().code;
+    if (code == EINTR) continue;
+    if (code != EAGAIN && code != EWOULDBLOCK)
+      return std::unexpected(received.error().with_context("read from the control socket"));
     pollfd readable{fd_.get(), POLLIN, 0};
     int ready = ::poll(&readable, 1, remaining_ms(deadline));
     if (ready < 0 && errno != EINTR) return fail_errno("poll the control socket");
@@ -201,5 +207,7 @@ Result<json> Client::wait_event(const std::string& name, std::chrono::millisecon
 }
 
 std::vector<json> Client::take_events() { return std::exchange(events_, {}); }
+
+std::vector<UniqueFd> Client::take_received_fds() { return std::exchange(received_fds_, {}); }
 
 }  // namespace vmm::control

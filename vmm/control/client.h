@@ -58,6 +58,11 @@ class Client {
   // Events received so far and not yet taken, oldest first.
   [[nodiscard]] std::vector<nlohmann::json> take_events();
 
+  // Descriptors the server sent (SCM_RIGHTS) and not yet taken, in the order
+  // they came. A server attaches them to the reply that names them, so after
+  // that reply they are all here.
+  [[nodiscard]] std::vector<UniqueFd> take_received_fds();
+
   // How long each read or write may wait.
   void set_timeout(std::chrono::milliseconds timeout) { timeout_ = timeout; }
   [[nodiscard]] FdRef fd() const { return fd_.ref(); }
@@ -73,6 +78,7 @@ class Client {
   std::string input_;
   nlohmann::json greeting_;
   std::vector<nlohmann::json> events_;
+  std::vector<UniqueFd> received_fds_;
 };
 
 }  // namespace vmm::control

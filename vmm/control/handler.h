@@ -3,12 +3,16 @@
 #pragma once
 
 #include <nlohmann/json.hpp>
+#include <sys/types.h>
 
 #include <atomic>
 #include <expected>
 #include <optional>
 #include <stop_token>
 #include <string>
+#include <vector>
+
+#include "base/unique_fd.h"
 
 namespace vmm::control {
 
@@ -39,6 +43,13 @@ struct CommandContext {
   // shutting down, because stop() waits for every running command to return.
   // Default-constructed (never requested) outside a server.
   std::stop_token stop;
+  // The client's process (SO_PEERCRED when it connected); 0 when unknown.
+  pid_t peer_pid = 0;
+  // Descriptors to hand the client with a successful reply (SCM_RIGHTS on
+  // the reply line's first byte; the LUO agent's session fds). Set by the
+  // server for each command; the server closes its copies once sent, and
+  // drops them unsent with an error reply. Null outside a server.
+  std::vector<UniqueFd>* reply_fds = nullptr;
 };
 
 class CommandHandler {

@@ -1,5 +1,7 @@
 #include "vmm/control/server.h"
 
+#include "base/fd_passing.h"
+
 #include <fcntl.h>
 #include <poll.h>
 #include <spdlog/spdlog.h>
@@ -249,6 +251,25 @@ class ClientSession {
     return true;
   }
 
+  // Sends `line` with `fds` on its first byte, now: the descriptors must
+  // ride with this very reply, so earlier output still unsent, or a socket
+  // that takes nothing right now, fails it (the client is not reading). What
+  // the socket does not take of the rest of the line is queued as usual.
+  Result<void> enqueue_with_fds(std::string_view line, const std::vector<UniqueFd>& fds) {
+    std::lock_guard lock(output_mutex_);
+    if (output_closed_) return fail("the connection is closing", EPIPE);
+    if (!pending_output_.empty())
+      return fail("earlier replies are still unsent (the client is not reading)", EAGAIN);
+    std::vector<FdRef> refs;
+    for (const auto& fd : fds) refs.push_back(fd.ref());
+    VMM_TRY_ASSIGN(sent, send_with_fds(fd_.ref(), line, refs, MSG_DONTWAIT));
+    std::string_view rest = line.substr(sent);
+    if (!send_some_locked(rest)) return fail("the connection failed after the descriptors went out", EPIPE);
+    pending_output_.append(rest);
+    if (!rest.empty()) signal_eventfd(wake_event_.ref());
+    return {};
+  }
+
  private:
   enum class Next { keep_going, close };
 
@@ -472,9 +493,19 @@ class ClientSession {
       return;
     }
     spdlog::debug("control: client {}: {}", id_, command);
-    CommandResult result = run_handler(command, arguments, id);
+    std::vector<UniqueFd> reply_fds;
+    CommandResult result = run_handler(command, arguments, id, reply_fds);
     if (handed_over_.load()) return;  // another process answers on this connection now
-    if (result) {
+    if (result && !reply_fds.empty()) {
+      json message{{"return", std::move(*result)}};
+      if (id) message["id"] = *id;
+      if (auto sent = enqueue_with_fds(to_line(message), reply_fds); !sent) {
+        spdlog::warn("control: client {}: {}: {}", id_, command, sent.error().describe());
+        reply(error_reply(kGenericError, command + ": the reply's descriptors could not be sent: " +
+                                             sent.error().describe()),
+              id);
+      }
+    } else if (result) {
       reply(json{{"return", std::move(*result)}}, id);
     } else {
       spdlog::debug("control: client {}: {} failed: {}: {}", id_, command, result.error().error_class,
@@ -511,11 +542,13 @@ class ClientSession {
     reply(json{{"return", json::object()}}, id);
   }
 
-  CommandResult run_handler(const std::string& command, const json& arguments, const std::optional<json>& id) {
+  CommandResult run_handler(const std::string& command, const json& arguments, const std::optional<json>& id,
+                            std::vector<UniqueFd>& reply_fds) {
     // A throwing handler must not take the VMM down with std::terminate.
     try {
       return server_.handler_.execute(command, arguments,
-                                      CommandContext{fd_.get(), id, &handed_over_, server_.command_stop_.get_token()});
+                                      CommandContext{fd_.get(), id, &handed_over_, server_.command_stop_.get_token(),
+                                                     peer_pid_, &reply_fds});
     } catch (const std::exception& error) {
       spdlog::error("control: client {}: {} threw: {}", id_, command, error.what());
       return std::unexpected(CommandError{kGenericError, "internal error in " + command + ": " + error.what()});
