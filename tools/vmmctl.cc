@@ -21,6 +21,10 @@
 #include <string>
 #include <string_view>
 
+#include <spdlog/sinks/stdout_color_sinks.h>
+#include <spdlog/spdlog.h>
+
+#include "tools/host_update.h"
 #include "vmm/control/client.h"
 
 namespace {
@@ -136,7 +140,8 @@ int main(int argc, char** argv) {
   Output output;
   double timeout_seconds = 30;
   std::string wait_event_name;
-  app.add_option("-s,--socket", socket_path, "The vmm's control socket")->required()->envname("VMM_CONTROL_SOCKET");
+  app.add_option("-s,--socket", socket_path, "The vmm's control socket (every command but host-update and host-report)")
+      ->envname("VMM_CONTROL_SOCKET");
   app.add_flag("--json", output.compact, "Print compact one-line JSON");
   app.add_flag("--events", output.show_events, "Also print events that arrive while waiting");
   CLI::Option* timeout_option =
@@ -191,7 +196,42 @@ int main(int argc, char** argv) {
   std::string raw_request;
   raw->add_option("request", raw_request, "A JSON request, or - to read one per line from stdin")->required();
 
+  // The whole host: every vmm with a control socket in one folder.
+  vmm::tools::HostUpdateOptions host;
+  double prepare_seconds = 300;
+  double freeze_seconds = 30;
+  CLI::App* host_update = app.add_subcommand(
+      "host-update", "Upgrade the host kernel under every vmm in --dir: one kexec, every VM restored after it");
+  host_update->add_option("--kernel", host.kernel, "The new kernel's image")->required();
+  host_update->add_option("--initrd", host.initrd, "The new kernel's initrd");
+  host_update->add_option("--cmdline", host.cmdline, "The new kernel's command line (default: the running one's)");
+  host_update->add_option("--agent", host.agent_socket,
+                          "The LUO agent whose registry tells the new kernel what to restore (default: "
+                          "/run/vmm/luo-agent.sock when an agent answers there)");
+  host_update->add_option("--prepare-timeout", prepare_seconds, "Seconds every VM has to prepare")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  host_update->add_option("--freeze-timeout", freeze_seconds, "Seconds every VM has to freeze, once all prepared")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  CLI::App* host_report =
+      app.add_subcommand("host-report", "After a host update: each VM in --dir with its last update, the longest blackout");
+  for (CLI::App* command : {host_update, host_report})
+    command->add_option("--dir", host.socket_dir, "The folder of the vmms' control sockets")->capture_default_str();
+
   CLI11_PARSE(app, argc, argv);
+  if (host_update->parsed() || host_report->parsed()) {
+    spdlog::set_default_logger(spdlog::stderr_color_mt("vmmctl"));
+    spdlog::set_pattern("[%H:%M:%S.%e] vmmctl %^%l%$: %v");
+    if (host_report->parsed()) return vmm::tools::run_host_report(host.socket_dir, std::cout);
+    host.prepare_timeout = std::chrono::milliseconds(static_cast<long long>(prepare_seconds * 1000.0));
+    host.freeze_timeout = std::chrono::milliseconds(static_cast<long long>(freeze_seconds * 1000.0));
+    return vmm::tools::run_host_update(host, std::cout);
+  }
+  if (socket_path.empty()) {
+    std::cerr << "vmmctl: -s SOCKET (or $VMM_CONTROL_SOCKET) names the vmm's control socket\n";
+    return kExitUnreachable;
+  }
 
   const auto subcommands = app.get_subcommands();
   // guest-verify waits inside the vmm (60 s unless told otherwise): wait a

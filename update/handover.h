@@ -22,6 +22,7 @@
 #include "update/faults.h"
 #include "update/handover_record.h"
 #include "update/record.h"
+#include "update/update_gate.h"
 #include "vmm/control/handler.h"
 
 namespace vmm {
@@ -36,6 +37,10 @@ struct UpdateRequest {
   std::string binary;  // exec, transfer: the new vmm
   std::string kernel, initrd, cmdline;  // kexec
   bool prefault = true;  // transfer: fill the new process's page tables for guest RAM before the pause
+  // kexec: one of many VMs in one host kexec (`vmmctl host-update`): wait at
+  // the freeze and kexec gates (update_gate.h); the coordinator loads and
+  // executes the kexec.
+  bool coordinated = false;
   FaultPlan faults;      // faults build only
 };
 
@@ -48,6 +53,7 @@ struct HandoverContext {
   const control::CommandContext& command;  // the requesting connection
   UpdateRecord& record;
   const std::atomic<bool>& cancelled;      // the vmm is shutting down: give up waiting
+  UpdateGate& gate;                        // a coordinated update's waits
 };
 
 // What prepare() sets up for the freeze.

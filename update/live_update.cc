@@ -46,8 +46,14 @@ LiveUpdate::LiveUpdate(Machine& machine, LaunchOptions launch, UpdateRecord last
 LiveUpdate::~LiveUpdate() { watch_.stop(); }
 
 json LiveUpdate::query() const {
-  std::lock_guard lock(record_mutex_);
-  return record_.to_json();
+  json out;
+  {
+    std::lock_guard lock(record_mutex_);
+    out = record_.to_json();
+  }
+  // A coordinated update waiting for its coordinator says where.
+  if (const auto stop = gate_.waiting(); stop != UpdateGate::Stop::none) out["waiting"] = to_string(stop);
+  return out;
 }
 
 json LiveUpdate::kexec_capability() const {
@@ -67,15 +73,15 @@ void LiveUpdate::cancel() { cancelled_ = true; }
 
 Result<UpdateRequest> LiveUpdate::parse(const json& arguments) const {
   UpdateRequest request;
-  std::vector<std::string> known{"mode", "binary", "kernel", "initrd", "cmdline", "prefault"};
+  std::vector<std::string> known{"mode", "binary", "kernel", "initrd", "cmdline", "prefault", "coordinated"};
   // Test hooks exist only in a build made for tests: anywhere else these are
   // unknown parameters like any other.
   if (fault_injection_built()) known.insert(known.end(), {"x-inject", "x-commit-timeout-ms"});
   for (const auto& [key, value] : arguments.items()) {
     if (std::ranges::find(known, key) == known.end())
       return fail(fmt::format("Parameter '{}' is unexpected for command live-update", key));
-    if (key == "prefault") {
-      if (!value.is_boolean()) return fail("Parameter 'prefault' expects a boolean");
+    if (key == "prefault" || key == "coordinated") {
+      if (!value.is_boolean()) return fail(fmt::format("Parameter '{}' expects a boolean", key));
       continue;
     }
     if (key == "x-commit-timeout-ms") {
@@ -104,7 +110,18 @@ Result<UpdateRequest> LiveUpdate::parse(const json& arguments) const {
   if (arguments.contains("prefault") && request.mode != "transfer")
     return fail("Parameter 'prefault' applies to mode \"transfer\" only");
   request.prefault = arguments.value("prefault", true);
-  if (kexec && request.kernel.empty()) return fail("Parameter 'kernel' is missing: kexec needs the new kernel's image");
+  request.coordinated = arguments.value("coordinated", false);
+  if (request.coordinated && !kexec) return fail("Parameter 'coordinated' applies to mode \"kexec\" only");
+  if (request.coordinated) {
+    // The coordinator (vmmctl host-update) loads the one kernel for every VM.
+    for (const char* key : {"kernel", "initrd", "cmdline"})
+      if (arguments.contains(key))
+        return fail(fmt::format("Parameter '{}' does not apply to a coordinated kexec: the coordinator loads the "
+                                "host's new kernel once for every VM",
+                                key));
+  } else if (kexec && request.kernel.empty()) {
+    return fail("Parameter 'kernel' is missing: kexec needs the new kernel's image");
+  }
   if (arguments.contains("x-inject")) {
     VMM_TRY_ASSIGN(fault, fault_from_string(arguments["x-inject"].get<std::string>()));
     if (!fault_applies(fault, request.mode))
@@ -150,7 +167,13 @@ control::CommandResult LiveUpdate::run(const json& arguments, const control::Com
   std::string phase = "prepare";
   auto phase_started = steady_clock::now();
   std::unique_ptr<Handover> handover = make_handover(request.mode);
-  HandoverContext handover_context{machine_, request, launch_, server_, context, record, cancelled_};
+  HandoverContext handover_context{machine_, request, launch_, server_, context, record, cancelled_, gate_};
+  if (request.coordinated) gate_.begin();
+  // However run() ends, a coordinated update's gates close with it.
+  struct GateEnd {
+    UpdateGate& gate;
+    ~GateEnd() { gate.end(); }
+  } gate_end{gate_};
 
   auto phase_done = [&] {
     record.add_phase(phase, steady_clock::now() - phase_started);

@@ -66,6 +66,10 @@ class LiveUpdate {
   // The vmm is shutting down: an update in progress stops waiting for its
   // new side and fails (it is cancelled, never left half-done).
   void cancel();
+  // A coordinated kexec update (update_gate.h): live-update-continue lets
+  // it freeze, live-update-cancel ends it and resumes the guest.
+  [[nodiscard]] Result<void> continue_coordinated() { return gate_.proceed(); }
+  [[nodiscard]] Result<void> cancel_coordinated(std::string reason) { return gate_.cancel(std::move(reason)); }
 
   // In a restored process, right after the resume: measures the guest's own
   // view of the gap once it has beaten again (its heartbeat ring is short),
@@ -89,6 +93,7 @@ class LiveUpdate {
   control::Server* server_ = nullptr;
   std::atomic<bool> handed_over_{false};
   std::atomic<bool> cancelled_{false};
+  UpdateGate gate_;
   mutable std::mutex record_mutex_;
   UpdateRecord record_;
   GuestWatch::Findings findings_;  // the latest the watch published

@@ -170,15 +170,18 @@ class KexecHandover final : public Handover {
     std::unique_ptr<luo::Backend> backend = std::move(source.backend);
     // Loaded now, while the guest still runs, so the load stays out of the
     // blackout. Like `kexec --reuse-cmdline`, the running kernel's command
-    // line is the default.
-    std::string cmdline = request.cmdline;
-    if (cmdline.empty()) {
-      VMM_TRY_ASSIGN(current, luo::Kexec::current_cmdline());
-      cmdline = current;
+    // line is the default. A coordinated update's coordinator loads the one
+    // kernel for every VM instead.
+    if (!request.coordinated) {
+      std::string cmdline = request.cmdline;
+      if (cmdline.empty()) {
+        VMM_TRY_ASSIGN(current, luo::Kexec::current_cmdline());
+        cmdline = current;
+      }
+      VMM_TRY(kexec_.load(luo::KexecImage{request.kernel,
+                                          request.initrd.empty() ? std::nullopt : std::optional(request.initrd),
+                                          cmdline}));
     }
-    VMM_TRY(kexec_.load(luo::KexecImage{request.kernel,
-                                        request.initrd.empty() ? std::nullopt : std::optional(request.initrd),
-                                        cmdline}));
     // A kernel without a KVM LUO handler (mainline 7.x) gets no VM fd: the
     // new kernel's vmm builds a new VM around the memfds, as after an exec.
     VMM_TRY_ASSIGN(prepared, session_.fill(*backend, context, support.vm_fd.preservable));
@@ -186,6 +189,12 @@ class KexecHandover final : public Handover {
     // an agent): the device is not needed again, and another vmm may want it
     // (it is single-open).
     backend.reset();
+    // Every VM of the host prepares before any of them freezes, so no
+    // blackout holds another VM's prepare.
+    if (request.coordinated) {
+      spdlog::info("live update: prepared for the host's kexec; waiting for the coordinator to let it freeze");
+      VMM_TRY(context.gate.wait_at(UpdateGate::Stop::freeze, context.command.connection_fd, context.cancelled));
+    }
     return prepared;
   }
 
@@ -197,6 +206,13 @@ class KexecHandover final : public Handover {
     record_fd_ = std::move(record_fd);
     VMM_TRY(with_context(session_.session->preserve(record_fd_.ref(), kRecordToken), "preserving the handover record"));
     // Session fds stay open until the reboot: closing them would unpreserve.
+    if (context.request.coordinated) {
+      // Frozen and saved: the coordinator kexecs the host once every VM is.
+      // Only a cancel (or the coordinator's death) comes back here.
+      spdlog::info("live update: frozen for the host's kexec; waiting for the coordinator");
+      VMM_TRY(context.gate.wait_at(UpdateGate::Stop::kexec, context.command.connection_fd, context.cancelled));
+      return fail("the host kexec did not happen", ECANCELED);
+    }
     auto rebooted = kexec_.reboot();
     return rebooted ? fail("reboot returned") : std::unexpected(rebooted.error());
   }
@@ -205,6 +221,7 @@ class KexecHandover final : public Handover {
     session_.release();
     record_fd_.reset();
     // Nothing may stay staged for the next reboot (kexec_loaded reads 0).
+    // (A coordinated update loaded nothing here: a no-op then.)
     if (auto unloaded = kexec_.unload(); !unloaded) spdlog::error("live update: {}", unloaded.error().describe());
   }
 

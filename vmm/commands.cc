@@ -94,6 +94,19 @@ MachineCommands::MachineCommands(Machine& machine, LiveUpdate& update) : machine
     return update_.run(args, context);
   });
   commands_["live-update"].checks_arguments = true;
+  // A coordinated kexec update's coordinator (vmmctl host-update), from
+  // another connection than the one waiting for live-update's reply.
+  add("live-update-continue", {}, [this](const json&, const auto&) -> control::CommandResult {
+    if (auto proceeded = update_.continue_coordinated(); !proceeded) return generic_error(proceeded.error().message);
+    return json::object();
+  });
+  add("live-update-cancel", {"reason"}, [this](const json& args, const auto&) -> control::CommandResult {
+    if (args.contains("reason") && !args["reason"].is_string())
+      return generic_error("Parameter 'reason' expects a string");
+    if (auto cancelled = update_.cancel_coordinated(args.value("reason", "")); !cancelled)
+      return generic_error(cancelled.error().message);
+    return json::object();
+  });
   // stop, cont, quit and guest-verify are refused during a live update by
   // the Machine itself (Machine::begin_update), atomically with the update's
   // start: a check here, before the command runs, could not be.
@@ -136,7 +149,7 @@ control::CommandResult MachineCommands::execute(const std::string& command, cons
 
 control::CommandResult MachineCommands::query_status() {
   const RunState state = machine_.run_state();
-  return json{{"status", to_string(state)}, {"running", state == RunState::running}};
+  return json{{"status", to_string(state)}, {"running", state == RunState::running}, {"name", machine_.config().name}};
 }
 
 control::CommandResult MachineCommands::query_memory(const json& arguments) {

@@ -105,7 +105,10 @@ TEST(PauseResume, StopFreezesTheGuestAndContResumesIt) {
   EXPECT_NE(refused.error().desc.find("paused"), std::string::npos);
 
   ASSERT_OK(vm.command("cont"));
-  EXPECT_EQ(ASSERT_OK(vm.command("query-status")), (json{{"status", "running"}, {"running", true}}));
+  const json status = ASSERT_OK(vm.command("query-status"));
+  EXPECT_EQ(status["status"], "running");
+  EXPECT_EQ(status["running"], true);
+  EXPECT_TRUE(status["name"].is_string() && !status["name"].get<std::string>().empty()) << status.dump();
   ASSERT_OK(vm.wait_guest([&](const json& g) { return g["heartbeat"].get<uint64_t>() > frozen + 5; }, 10s));
   // Events reached this client: STOP then RESUME.
   auto events = vm.client().take_events();
