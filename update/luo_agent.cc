@@ -119,7 +119,10 @@ CommandResult LuoAgent::execute(const std::string& command, const json& argument
   const std::string& name = checked->at("name");
   if (auto valid = luo::validate_session_name(name); !valid)
     return error_result(command + ": " + valid.error().describe());
-  if (command == "retrieve-session") return retrieve(name, context);
+  if (command == "retrieve-session") {
+    reap_restores();  // a restore that just ended no longer owns its session
+    return retrieve(name, context);
+  }
   return release(name, context);
 }
 
@@ -193,6 +196,15 @@ CommandResult LuoAgent::create(const std::string& name, std::optional<std::vecto
 
 CommandResult LuoAgent::retrieve(const std::string& name, const control::CommandContext& context) {
   std::lock_guard lock(mutex_);
+  // Two vmms restoring one VM would run the same guest memory twice: while
+  // the agent's own restore of it runs, only that process gets the session.
+  for (const Restore& restore : restores_) {
+    if (restore.name == name && restore.state == "running" && restore.pid != context.peer_pid)
+      return error_result(fmt::format("retrieve-session: '{}' is being restored by pid {}, which this agent started "
+                                      "(--restore-vms; log {}): wait until list-restores shows it ended, then retry "
+                                      "if it failed",
+                                      name, restore.pid, restore.log));
+  }
   if (auto it = sessions_.find(name); it != sessions_.end()) {
     Held& held = it->second;
     if (!held.session->incoming())

@@ -3,7 +3,10 @@
 // fake kernel (FakeLuoKernel::kexec_into) a new agent that reads it back and
 // starts one `vmm restore` per VM; corrupt registries refused.
 #include <gtest/gtest.h>
+#include <signal.h>
+#include <spawn.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -49,6 +52,10 @@ class LuoRegistryTest : public ::testing::Test {
     server_ = std::move(*server);
   }
   void TearDown() override {
+    for (pid_t pid : sleepers_) {
+      ::kill(pid, SIGKILL);
+      ::waitpid(pid, nullptr, 0);  // ECHILD when the agent reaped it already
+    }
     if (server_) server_->stop();
     server_.reset();
     agent_.reset();
@@ -102,10 +109,17 @@ class LuoRegistryTest : public ::testing::Test {
     options.vmm = "/usr/bin/vmm";
     options.agent_socket = "/run/vmm/next-agent.sock";
     options.log_dir = dir_ + "/logs";
-    options.spawn = [&spawned](const Argv& argv, FdRef log) -> Result<pid_t> {
+    // Records the argv and starts a sleeper in its place: a real child, so
+    // the agent's reaping sees it running.
+    options.spawn = [this, &spawned](const Argv& argv, FdRef log) -> Result<pid_t> {
       if (log.get() < 0) return fail("no log descriptor", EBADF);
       spawned.push_back(argv);
-      return static_cast<pid_t>(0x3fff0000 + spawned.size());
+      const char* sleeper[] = {"/bin/sleep", "30", nullptr};
+      pid_t pid = 0;
+      if (int error = ::posix_spawn(&pid, sleeper[0], nullptr, nullptr, const_cast<char**>(sleeper), environ))
+        return fail("cannot start /bin/sleep", error);
+      sleepers_.push_back(pid);
+      return pid;
     };
     return options;
   }
@@ -122,6 +136,7 @@ class LuoRegistryTest : public ::testing::Test {
   std::string dir_, path_;
   std::unique_ptr<LuoAgent> agent_, next_agent_;
   std::unique_ptr<control::Server> server_;
+  std::vector<pid_t> sleepers_;
 };
 
 TEST_F(LuoRegistryTest, RestoreArgumentsAreKeptWithTheSessionAndListed) {
@@ -246,8 +261,36 @@ TEST_F(LuoRegistryTest, ARegistryCrossesTheKexecAndBringsEveryVmBack) {
   const json restores = next_agent_->list_restores()["restores"];
   ASSERT_EQ(restores.size(), 2u);
   EXPECT_EQ(restores[0]["name"], "vm-a");
-  EXPECT_EQ(restores[0]["pid"], 0x3fff0001);
+  ASSERT_EQ(sleepers_.size(), 2u);
+  EXPECT_EQ(restores[0]["pid"], sleepers_[0]);
+  EXPECT_EQ(restores[0]["state"], "running");
   EXPECT_EQ(restores[0]["argv"], json(spawned[0]));
+
+  // While the agent's restore of vm-a runs, nobody else gets its session.
+  std::vector<UniqueFd> fds;
+  control::CommandContext other;
+  other.peer_pid = sleepers_[1];  // vm-b's restore
+  other.reply_fds = &fds;
+  auto taken = next_agent_->execute("retrieve-session", json{{"name", "vm-a"}}, other);
+  ASSERT_FALSE(taken);
+  EXPECT_NE(taken.error().desc.find("is being restored by pid"), std::string::npos) << taken.error().desc;
+  control::CommandContext own;
+  own.peer_pid = sleepers_[0];
+  own.reply_fds = &fds;
+  auto given = next_agent_->execute("retrieve-session", json{{"name", "vm-a"}}, own);
+  ASSERT_TRUE(given) << given.error().desc;
+  EXPECT_EQ(fds.size(), 1u);
+  // Once it ended (failed), anyone may retry.
+  ::kill(sleepers_[0], SIGKILL);
+  json ended;
+  for (int i = 0; i < 200; ++i) {
+    ended = next_agent_->list_restores()["restores"][0];
+    if (ended["state"] != "running") break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_EQ(ended["state"], "killed") << ended.dump();
+  EXPECT_EQ(ended["signal"], SIGKILL);
+  EXPECT_TRUE(next_agent_->execute("retrieve-session", json{{"name", "vm-a"}}, other));
 }
 
 TEST_F(LuoRegistryTest, SealingAgainReplacesAndUnsealDrops) {
