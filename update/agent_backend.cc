@@ -52,7 +52,18 @@ Result<std::shared_ptr<AgentConnection>> AgentConnection::connect(const std::str
   VMM_TRY_ASSIGN(hello, connection->call("hello", json{{"protocol", kLuoAgentProtocol}}));
   if (hello.is_object() && hello.contains("pid") && hello["pid"].is_number_integer())
     connection->agent_pid_ = hello["pid"].get<pid_t>();
+  // An agent older than the features has none: the vmm then asks only what
+  // protocol 1 always had.
+  if (hello.is_object() && hello.contains("features") && hello["features"].is_array())
+    for (const json& feature : hello["features"])
+      if (feature.is_string()) connection->features_.push_back(feature.get<std::string>());
   return connection;
+}
+
+bool AgentConnection::has_feature(std::string_view feature) const {
+  for (const std::string& have : features_)
+    if (have == feature) return true;
+  return false;
 }
 
 Result<json> AgentConnection::call(const std::string& command, const json& arguments, std::vector<UniqueFd>* fds) {
@@ -75,8 +86,17 @@ Result<std::unique_ptr<AgentBackend>> AgentBackend::connect(const std::string& p
 
 Result<std::unique_ptr<luo::Session>> AgentBackend::ask(const char* command, std::string_view name, bool incoming) {
   VMM_TRY(luo::validate_session_name(name));
+  json arguments{{"name", std::string(name)}};
+  if (!incoming && restore_args_) {
+    if (connection_->has_feature(kLuoAgentFeatureRestoreArgs))
+      arguments["restore"] = json{{"args", *restore_args_}};
+    else
+      spdlog::warn("luo: the LUO agent at {} takes no restore arguments (an older agent): after the kexec, restore "
+                   "'{}' by hand (`vmm restore --session {}`)",
+                   connection_->path(), name, name);
+  }
   std::vector<UniqueFd> fds;
-  VMM_TRY_ASSIGN(reply, connection_->call(command, json{{"name", std::string(name)}}, &fds));
+  VMM_TRY_ASSIGN(reply, connection_->call(command, arguments, &fds));
   if (fds.size() != 1)
     return fail(fmt::format("the LUO agent at {} answered {} '{}' with {} descriptors instead of the session's one",
                             connection_->path(), command, name, fds.size()),

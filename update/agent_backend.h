@@ -16,8 +16,10 @@
 #include <chrono>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -47,6 +49,8 @@ class AgentConnection {
 
   [[nodiscard]] const std::string& path() const { return path_; }
   [[nodiscard]] pid_t agent_pid() const { return agent_pid_; }
+  // Whether hello's reply listed `feature` (kLuoAgentFeature*).
+  [[nodiscard]] bool has_feature(std::string_view feature) const;
 
  private:
   AgentConnection(control::Client client, std::string path) : client_(std::move(client)), path_(std::move(path)) {}
@@ -54,6 +58,7 @@ class AgentConnection {
   control::Client client_;
   std::string path_;
   pid_t agent_pid_ = 0;
+  std::vector<std::string> features_;
 };
 
 class AgentBackend final : public luo::Backend {
@@ -67,6 +72,12 @@ class AgentBackend final : public luo::Backend {
   [[nodiscard]] Result<std::unique_ptr<luo::Session>> create_session(std::string_view name) override;
   [[nodiscard]] Result<std::unique_ptr<luo::Session>> retrieve_session(std::string_view name) override;
 
+  // What the agent should run after the kexec to restore the sessions this
+  // backend creates from now on (create-session's "restore": `vmm restore`'s
+  // arguments besides --session and --luo-agent). Unset: none is sent, and
+  // an agent's registry restores the VM with the defaults.
+  void set_restore_args(std::vector<std::string> args) { restore_args_ = std::move(args); }
+
   // The agent drops its reference to `name` (release-session).
   [[nodiscard]] Result<void> release_session(std::string_view name);
   [[nodiscard]] Result<nlohmann::json> list_sessions();
@@ -79,6 +90,7 @@ class AgentBackend final : public luo::Backend {
                                                           bool incoming);
   std::shared_ptr<AgentConnection> connection_;
   luo::KernelSyscalls syscalls_;
+  std::optional<std::vector<std::string>> restore_args_;
 };
 
 // A session received from the agent: a luo::KernelSession on the duplicate,

@@ -165,7 +165,10 @@ class KexecHandover final : public Handover {
     VMM_TRY_ASSIGN(support, kexec_support(context.launch.kvm_device, seconds(10), &context.cancelled));
     VMM_TRY(check_kexec_support(support, context.machine));
     // The LUO agent when one answers, else the device (update/session_source.h).
-    VMM_TRY_ASSIGN(source, open_session_source(session_source_options(), &context.cancelled));
+    // With an agent, its registry restores this VM after the kexec as launched.
+    SessionSourceOptions source_options = session_source_options();
+    source_options.restore_args = restore_arguments(context.launch);
+    VMM_TRY_ASSIGN(source, open_session_source(source_options, &context.cancelled));
     spdlog::info("live update: kexec with sessions from the {} ({})", source.kind, source.where);
     std::unique_ptr<luo::Backend> backend = std::move(source.backend);
     // Loaded now, while the guest still runs, so the load stays out of the

@@ -3,6 +3,7 @@
 #include <sys/stat.h>
 
 #include <cstdlib>
+#include <filesystem>
 
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
@@ -31,6 +32,7 @@ Result<SessionSource> open_session_source(const SessionSourceOptions& options, c
   if (!options.agent_socket.empty()) {
     auto agent = AgentBackend::connect(options.agent_socket, options.syscalls);
     if (agent) {
+      if (options.restore_args) (*agent)->set_restore_args(*options.restore_args);
       spdlog::info("luo: sessions from the LUO agent at {} (pid {})", options.agent_socket,
                    (*agent)->connection().agent_pid());
       return SessionSource{std::move(*agent), "agent", options.agent_socket};
@@ -46,6 +48,20 @@ Result<SessionSource> open_session_source(const SessionSourceOptions& options, c
   VMM_TRY_ASSIGN(device, open_liveupdate(cancelled, busy_wait, options.device, options.syscalls));
   spdlog::info("luo: sessions from {} (no LUO agent)", options.device);
   return SessionSource{std::move(device), "device", options.device};
+}
+
+std::vector<std::string> restore_arguments(const LaunchOptions& launch) {
+  const auto absolute = [](const std::string& path) {
+    std::error_code error;
+    auto full = std::filesystem::absolute(path, error);
+    return error ? path : full.string();
+  };
+  std::vector<std::string> args;
+  if (!launch.control_socket_path.empty()) args.insert(args.end(), {"--control-socket", absolute(launch.control_socket_path)});
+  const bool console_file = launch.console != "stdout" && launch.console != "none";
+  args.insert(args.end(), {"--console", console_file ? absolute(launch.console) : launch.console});
+  args.insert(args.end(), {"--log-level", launch.log_level, "--kvm-device", launch.kvm_device});
+  return args;
 }
 
 std::string probe_session_source_kind(const SessionSourceOptions& options) {

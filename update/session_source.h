@@ -13,11 +13,14 @@
 #include <atomic>
 #include <chrono>
 #include <memory>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "base/result.h"
 #include "luo/kernel_backend.h"
 #include "luo/session.h"
+#include "update/handover_record.h"
 
 namespace vmm {
 
@@ -28,7 +31,16 @@ struct SessionSourceOptions {
   bool agent_required = false;  // named explicitly: an agent that does not answer is an error
   std::string device = luo::kLiveUpdateDevice;
   luo::KernelSyscalls syscalls = luo::real_kernel_syscalls();
+  // With an agent: what its registry runs after the kexec to restore the
+  // sessions created through this source (AgentBackend::set_restore_args).
+  // The device has no registry and ignores it.
+  std::optional<std::vector<std::string>> restore_args;
 };
+
+// `vmm restore`'s arguments for a VM launched with `launch`, besides
+// --session and --luo-agent: --control-socket, --console, --log-level,
+// --kvm-device, relative paths made absolute (the agent runs elsewhere).
+[[nodiscard]] std::vector<std::string> restore_arguments(const LaunchOptions& launch);
 
 // From the environment (see above). `default_socket` is for tests.
 [[nodiscard]] SessionSourceOptions session_source_options(const std::string& default_socket = "");

@@ -252,13 +252,20 @@ int main(int argc, char** argv) {
   auto* info_command = app.add_subcommand("handover-info", "Print the handover formats this binary speaks (JSON)");
   info_command->group("");
 
-  std::string agent_socket = vmm::kDefaultLuoAgentSocket;
-  std::string agent_device = vmm::luo::kLiveUpdateDevice;
+  vmm::LuoAgentOptions agent;
   auto* agent_command = app.add_subcommand(
       "agent", "Run the LUO session agent: open /dev/liveupdate once and hand its sessions to the vmms of this host");
-  agent_command->add_option("--socket", agent_socket, "Path of the agent's socket (created with mode 0600)")
+  agent_command->add_option("--socket", agent.socket, "Path of the agent's socket (created with mode 0600)")
       ->capture_default_str();
-  agent_command->add_option("--device", agent_device, "The Live Update Orchestrator device")->capture_default_str();
+  agent_command->add_option("--device", agent.device, "The Live Update Orchestrator device")->capture_default_str();
+  agent_command->add_flag("--restore-vms", agent.restore_vms,
+                          "After a kexec: start `vmm restore` for every VM of the registry the previous kernel's "
+                          "agent sealed (seal-registry)");
+  agent_command->add_option("--vmm", agent.restore.vmm, "The vmm binary the restores run (default: this one)")
+      ->capture_default_str();
+  agent_command->add_option("--restore-log-dir", agent.restore.log_dir,
+                            "Directory of the restores' logs (NAME.restore.log: their stdout and stderr)")
+      ->capture_default_str();
   agent_command->add_option("--log-level", common.log_level, "Log level: trace, debug, info, warn, error, critical, off")
       ->capture_default_str();
 
@@ -319,7 +326,7 @@ int main(int argc, char** argv) {
     spdlog::error("{}", signals.error().describe());
     return 1;
   }
-  if (agent_command->parsed()) return vmm::run_luo_agent(agent_socket, agent_device, signals->ref());
+  if (agent_command->parsed()) return vmm::run_luo_agent(agent, signals->ref());
   if (transfer_command->parsed()) {
     transfer.launch = vmm::launch_options(common);
     return vmm::arrive(vmm::arrive_by_transfer(transfer), signals->ref());

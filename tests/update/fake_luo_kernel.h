@@ -33,6 +33,7 @@ struct FakeLuoKernel {
     bool finished = false;
     UniqueFd watch;  // the pipe's read end
     std::set<uint64_t> tokens;
+    std::map<uint64_t, UniqueFd> files;  // outgoing: what was preserved, by token
   };
 
   std::mutex mutex;
@@ -41,6 +42,9 @@ struct FakeLuoKernel {
   int retrieve_session_calls = 0;
   // Sessions "from the previous kernel", by name, with their tokens.
   std::map<std::string, std::set<uint64_t>> incoming_available;
+  // Their files where known (kexec_into); a token without one retrieves an
+  // empty memfd.
+  std::map<std::string, std::map<uint64_t, UniqueFd>> incoming_files;
   std::set<std::string> retrieved;
   std::map<ino_t, FakeSession> sessions;
 
@@ -53,6 +57,18 @@ struct FakeLuoKernel {
       if (::poll(&ready, 1, 0) == 0) return true;  // POLLHUP: every write end is closed
     }
     return false;
+  }
+
+  // The kexec: every outgoing session some descriptor still holds crosses
+  // into `next` (a fresh fake kernel), files and all; the rest is gone.
+  void kexec_into(FakeLuoKernel& next) {
+    std::lock_guard lock(mutex);
+    for (auto& [ino, session] : sessions) {
+      pollfd ready{session.watch.get(), POLLIN, 0};
+      if (session.incoming || ::poll(&ready, 1, 0) != 0) continue;
+      next.incoming_available[session.name] = session.tokens;
+      for (auto& [token, file] : session.files) next.incoming_files[session.name][token] = std::move(file);
+    }
   }
 
   static FakeLuoKernel*& current() {
@@ -153,6 +169,7 @@ struct FakeLuoKernel {
           errno = EEXIST;
           return -1;
         }
+        session.files[cmd->token].reset(::fcntl(cmd->fd, F_DUPFD_CLOEXEC, 0));
         return 0;
       }
       case luo::uapi::kIoctlSessionRetrieveFd: {
@@ -161,7 +178,15 @@ struct FakeLuoKernel {
           errno = ENOENT;
           return -1;
         }
-        cmd->fd = ::memfd_create("fake-retrieved", MFD_CLOEXEC);
+        // The kernel's retrieved memfd is a new file around the same pages;
+        // a new open of the kept one is as close as userspace gets.
+        auto& files = k.incoming_files[session.name];
+        if (auto file = files.find(cmd->token); file != files.end() && file->second) {
+          const std::string path = "/proc/self/fd/" + std::to_string(file->second.get());
+          cmd->fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
+        } else {
+          cmd->fd = ::memfd_create("fake-retrieved", MFD_CLOEXEC);
+        }
         return cmd->fd < 0 ? -1 : 0;
       }
       case luo::uapi::kIoctlSessionFinish:
