@@ -34,6 +34,13 @@ std::string VcpuThread::where_it_stopped() const {
   auto sregs = vcpu_.get_sregs();
   auto events = vcpu_.get_vcpu_events();
   if (!regs || !sregs || !events) return "";
+  // KVM on AMD (SVM) INITs a vCPU on its shutdown exit, the VMCB being
+  // undefined then: what it shows is the reset state, not where it faulted.
+  // Only the last exception's vector survives the reset.
+  if (regs->rip == 0xfff0 && sregs->cs.selector == 0xf000)
+    return fmt::format(" (the vCPU shows its reset state, as KVM leaves it after a shutdown on AMD: where it faulted "
+                       "is lost; the last exception vector was {})",
+                       events->exception.nr);
   return fmt::format(" at rip 0x{:x} rsp 0x{:x} rflags 0x{:x} cs 0x{:x} cr0 0x{:x} cr3 0x{:x} cr4 0x{:x}; exception "
                      "{} nr {} injected {} pending; interrupt {} nr {}; nmi {}",
                      regs->rip, regs->rsp, regs->rflags, sregs->cs.selector, sregs->cr0, sregs->cr3, sregs->cr4,

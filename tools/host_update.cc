@@ -38,6 +38,7 @@ struct Participant {
   Client control;
   std::thread updater;
   std::atomic<bool> replied{false};
+  std::atomic<bool> gone{false};  // its connection broke: the vmm died (or cannot answer)
   std::mutex mutex;
   std::string reply;  // the live-update's error, once replied
 
@@ -105,11 +106,15 @@ void start_update(Participant& vm, milliseconds reply_timeout) {
     auto client = Client::connect(vm.socket, reply_timeout);
     if (!client) {
       outcome = client.error().describe();
+      vm.gone = true;
     } else if (auto negotiated = client->negotiate(); !negotiated) {
       outcome = negotiated.error().describe();
     } else {
       auto result = client->execute("live-update", {{"mode", "kexec"}, {"coordinated", true}});
-      if (!result) outcome = result.error().describe();
+      if (!result) {
+        outcome = result.error().describe();
+        vm.gone = true;
+      }
       else if (!*result) outcome = result->error().desc;
       else outcome = "the update reported success without a kexec";
     }
@@ -173,7 +178,8 @@ json cancel_all(std::vector<std::unique_ptr<Participant>>& vms, const std::strin
   json outcome = json::array();
   for (auto& vm : vms) {
     if (vm->updater.joinable()) vm->updater.join();
-    outcome.push_back({{"name", vm->name}, {"socket", vm->socket}, {"update", vm->reply_text()}});
+    outcome.push_back(
+        {{"name", vm->name}, {"socket", vm->socket}, {"update", vm->reply_text()}, {"vmm_gone", vm->gone.load()}});
   }
   return outcome;
 }
@@ -228,6 +234,20 @@ int run_host_update(const HostUpdateOptions& options, std::ostream& out) {
   auto give_up = [&](const std::string& why) {
     spdlog::error("host-update: {}: cancelling the upgrade; every VM resumes", why);
     json outcome = cancel_all(vms, why);
+    // A vmm that died mid-update left its outgoing session with the agent,
+    // which would otherwise carry it, and a restore of a VM whose state was
+    // never saved, into the next kexec.
+    if (*agent) {
+      for (auto& vm : vms) {
+        if (!vm->gone) continue;
+        auto released = (*agent)->execute("release-session", {{"name", vm->name}});
+        if (!released || !*released)
+          spdlog::warn("host-update: the LUO agent kept the session of '{}', whose vmm is gone: {}", vm->name,
+                       !released ? released.error().describe() : released->error().desc);
+        else
+          spdlog::info("host-update: released the session of '{}', whose vmm is gone", vm->name);
+      }
+    }
     if (sealed && *agent) {
       if (auto unsealed = (*agent)->execute("unseal-registry"); !unsealed || !*unsealed)
         spdlog::error("host-update: the LUO agent kept its registry: {}",

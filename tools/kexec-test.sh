@@ -22,7 +22,7 @@ vmm_bin=$repo/build/bin
 # ctest's test binaries land in build/bin/ (the top-level CMakeLists sets the
 # runtime output directory), luo_test among them.
 luo_test=$repo/build/bin/luo_test
-scenarios=boot,luo-conformance,vm-run,binary-updates,gmem-refused,cancel-unloads,kexec-memfd,tsc-rate,kexec-again,kexec-paused,restore-retry,kexec-gmem,kexec-self
+scenarios=boot,luo-conformance,vm-run,binary-updates,gmem-refused,cancel-unloads,kexec-memfd,tsc-rate,kexec-again,kexec-paused,restore-retry,kexec-gmem,host-update,host-update-cancel,host-update-retry,host-update-again,kexec-self
 timeout_s=900
 kernel_only=0
 patch_dir=""
@@ -325,6 +325,7 @@ pack_initramfs() {
   # without the node, init's output (our results) goes nowhere.
   mknod -m 600 "$root/dev/console" c 5 1
   install -m 755 "$lab/init" "$root/init"
+  install -m 644 "$lab/host-update.sh" "$root/lab/host-update.sh"
   for bin in vmm vmmctl; do
     [[ -x $vmm_bin/$bin ]] || die "$vmm_bin/$bin not found: build the vmm first (tools/build.sh) or pass --vmm-bin"
     add_binary "$root" "$vmm_bin/$bin" "/bin/$bin"

@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <atomic>
 #include <mutex>
 #include <optional>
 
@@ -79,10 +80,13 @@ Result<KexecSupport> probe_kexec_support(const SessionSourceOptions& options, co
   if (!source) return std::unexpected(source.error());
   support.liveupdate = true;
   support.session_source = source->kind;
-  // The pid keeps two vmms probing one after the other apart; the session
-  // goes when `session` does, and with it everything preserved in it (an
-  // agent's session is released then).
-  VMM_TRY_ASSIGN(session, with_context(source->backend->create_session(fmt::format("vmm-probe-{}", ::getpid())),
+  // The pid keeps two vmms apart, the count two probes of one vmm (a
+  // query-live-update while an update's prepare probes); the session goes
+  // when `session` does, and with it everything preserved in it (an agent's
+  // session is released then).
+  static std::atomic<uint64_t> probes{0};
+  VMM_TRY_ASSIGN(session, with_context(source->backend->create_session(
+                                           fmt::format("vmm-probe-{}-{}", ::getpid(), probes.fetch_add(1))),
                                        "probing what this kernel's LUO preserves"));
 
   UniqueFd memfd(::memfd_create("vmm-luo-probe", MFD_CLOEXEC));
