@@ -390,8 +390,10 @@ boot_guest() {
   : >"$out/serial.log"
   local rc=0
   set +e
-  timeout --foreground -k 10 "$timeout_s" qemu-system-x86_64 -accel tcg,thread=multi -cpu max -smp 2 -m 2G \
-    -nographic -nodefaults -no-reboot -serial stdio -monitor none \
+  # -d cpu_reset: QEMU logs a triple fault of the lab guest itself (and the
+  # CPU state then) to qemu-debug.log; with -no-reboot it then exits 0.
+  timeout --foreground -k 10 "$timeout_s" qemu-system-x86_64 -accel "tcg,thread=${VMM_LAB_TCG_THREAD:-multi}" -cpu max -smp 2 -m 2G \
+    -nographic -nodefaults -no-reboot -serial stdio -monitor none -d cpu_reset,guest_errors -D "$out/qemu-debug.log" \
     -kernel "$bzimage" -initrd "$out/initrd.cpio" -append "$append" </dev/null 2>"$out/qemu.stderr" |
     while IFS= read -r line; do
       line=${line%$'\r'}
@@ -438,6 +440,8 @@ summarize() {
   ((qemu_rc == 124 || qemu_rc == 137)) && why="QEMU killed after the --timeout of $timeout_s s"
   panic=$(grep -m1 -o 'Kernel panic.*' "$log" || true)
   [[ -n $panic ]] && why+="; guest: $panic"
+  grep -q "Triple fault" "$out/qemu-debug.log" 2>/dev/null &&
+    why+="; the lab guest's own CPU triple-faulted (QEMU TCG; CPU state in $out/qemu-debug.log)"
   # Each scenario: from its LAB-BEGIN to its last LAB-RESULT (host clock).
   for s in ${scenarios//,/ }; do
     t_begin=$(awk -v s="$s" '$2 == "LAB-BEGIN" && $3 == s { print $1; exit }' "$log")
@@ -497,10 +501,14 @@ summarize() {
   return $failed
 }
 
-# kexec-memfd ends stage 1 when it works: run it last.
+# A kexec scenario ends its stage when it works: the ones that kexec run
+# after the others, in their own order (the host updates and their riders
+# after the single-VM kexecs, kexec-self last).
+kexecs() { [[ $1 == kexec-* || $1 == host-update* ]]; }
 ordered=""
-for s in ${scenarios//,/ }; do [[ $s == kexec-* ]] || ordered+=",$s"; done
-for s in ${scenarios//,/ }; do [[ $s == kexec-* ]] && ordered+=",$s"; done
+for s in ${scenarios//,/ }; do kexecs "$s" || ordered+=",$s"; done
+for s in ${scenarios//,/ }; do kexecs "$s" && [[ $s != kexec-self ]] && ordered+=",$s"; done
+for s in ${scenarios//,/ }; do [[ $s == kexec-self ]] && ordered+=",$s"; done
 scenarios=${ordered#,}
 
 mkdir -p "$out"

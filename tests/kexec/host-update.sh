@@ -140,7 +140,13 @@ hu_cancel_checks() { # sets cancel_ok and cancel_values
 host_update_before() { # scenario rest-of-scenarios
   hu_name=$1; t0=$(now)
   fail_hu() {
+    for vm in $hu_vms; do
+      for log in /tmp/hu/$vm.log /tmp/hu/$vm.restore.log /tmp/hu/$vm.retry.log; do
+        [ -s "$log" ] && info "$hu_name" "$log: $(tail -6 "$log" | one_line)"
+      done
+    done
     result "$hu_name" FAIL half=before "$@"
+    hu_stop_all
     if [ "$hu_name" = host-update ]; then
       [ "$cancel_done" = yes ] || result host-update-cancel FAIL "reason=host-update_failed_before"
       result host-update-retry FAIL "reason=host-update_failed_before_its_kexec"
@@ -151,14 +157,20 @@ host_update_before() { # scenario rest-of-scenarios
     [ -n "$vmm_pid" ] && { kill "$vmm_pid" 2>/dev/null; wait "$vmm_pid" 2>/dev/null; vmm_pid=""; }
     echo "LAB-INFO $hu_name starting the LUO agent"
     hu_start_agent || { fail_hu "$(kv error "vmm agent: $(tail -1 /tmp/hu/agent.log)")"; return; }
+    # One after the other, each running before the next starts: under TCG
+    # nested SVM, VMs created at once have crashed the lab guest itself.
     for vm in $hu_vms; do
       echo "LAB-INFO $hu_name starting $vm: $(hu_spec "$vm")"
       hu_start_vm "$vm" || { fail_hu "$(kv error "$vm: $(tail -1 /tmp/hu/$vm.log)")"; return; }
+      hu_wait_running "$vm" 180 >/dev/null
     done
   fi
   carry=""
   for vm in $hu_vms; do
-    hb=$(hu_wait_running "$vm" 180) || { fail_hu "error=${vm}_no_heartbeat"; return; }
+    hb=$(hu_wait_running "$vm" 180) || {
+      info "$hu_name" "$vm: $(hu_ctl "$vm" --json guest 2>&1 | one_line); $(tail -5 /tmp/hu/$vm.log /tmp/hu/$vm.restore.log 2>/dev/null | one_line)"
+      fail_hu "error=${vm}_no_heartbeat"; return
+    }
     m=$(hu_mismatches "$vm")
     [ "$m" = 0 ] || { fail_hu "error=${vm}_verify_before:${m:-no_answer}"; return; }
     carry="$carry lab.carry.$vm=$(hu_heartbeat "$vm")"
@@ -243,11 +255,17 @@ host_update_after() { # scenario
     if [ $retry_ok = yes ]; then result host-update-retry PASS $retry_values; else
       info host-update-retry "$(cat /tmp/hu/hu2.restore.log 2>/dev/null | tail -5)"; result host-update-retry FAIL $retry_values; fi
   fi
-  if [ "$hu_name" = host-update-again ]; then
-    # The scenarios after these run without an agent and without these VMs.
-    for vm in $hu_vms; do hu_ctl "$vm" quit >/dev/null 2>&1; done
-    sleep 1
-    kill "$hu_agent_pid" 2>/dev/null; wait "$hu_agent_pid" 2>/dev/null
-    rm -f "$hu_agent_sock"
-  fi
+  # The scenarios after these run without an agent and without these VMs.
+  [ "$hu_name" = host-update-again ] || [ $all_ok = no ] && hu_stop_all
+}
+
+# Every host-update VM and the agent, stopped (after the last scenario, or
+# a failure: nothing of these may weigh on the scenarios after them).
+hu_stop_all() {
+  for vm in $hu_vms hu-victim hu-gmem; do [ -S "$hu_dir/$vm.sock" ] && hu_ctl "$vm" quit >/dev/null 2>&1; done
+  sleep 1
+  [ -n "$hu_agent_pid" ] && { kill "$hu_agent_pid" 2>/dev/null; wait "$hu_agent_pid" 2>/dev/null; }
+  pkill -f "vmm restore --session hu" 2>/dev/null
+  rm -rf "$hu_dir" "$hu_agent_sock"
+  hu_agent_pid=""
 }
