@@ -392,7 +392,10 @@ boot_guest() {
   set +e
   # -d cpu_reset: QEMU logs a triple fault of the lab guest itself (and the
   # CPU state then) to qemu-debug.log; with -no-reboot it then exits 0.
-  timeout --foreground -k 10 "$timeout_s" qemu-system-x86_64 -accel "tcg,thread=${VMM_LAB_TCG_THREAD:-multi}" -cpu max -smp 2 -m 2G \
+  # thread=single (one host thread runs both vCPUs): with multi-threaded TCG
+  # (QEMU 7.2, nested SVM) the lab guest triple-faulted in about half the
+  # runs that start several VMs at once, and never with single (docs/kexec-lab.md).
+  timeout --foreground -k 10 "$timeout_s" qemu-system-x86_64 -accel "tcg,thread=${VMM_LAB_TCG_THREAD:-single}" -cpu max -smp 2 -m 2G \
     -nographic -nodefaults -no-reboot -serial stdio -monitor none -d cpu_reset,guest_errors -D "$out/qemu-debug.log" \
     -kernel "$bzimage" -initrd "$out/initrd.cpio" -append "$append" </dev/null 2>"$out/qemu.stderr" |
     while IFS= read -r line; do

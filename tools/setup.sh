@@ -7,6 +7,7 @@ packages=(
   build-essential cmake ninja-build pkg-config ccache
   libfdt-dev libboost-dev libspdlog-dev libfmt-dev nlohmann-json3-dev libcli11-dev
   libgtest-dev libgmock-dev
+  libsystemd-dev     # sd_notify: readiness and the main pid for systemd services
   socat              # talks to the control socket in the demo and docs
   qemu-system-x86    # the peer the benchmarks measure against
   gnuplot-nox        # draws the benchmark's plots (tools/bench.sh)

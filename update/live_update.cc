@@ -267,6 +267,7 @@ control::CommandResult LiveUpdate::run(const json& arguments, const control::Com
   // socket and the requesting connection. This one must not touch them again.
   const pid_t successor = handover->successor();
   spdlog::info("live update: the VM now runs in pid {}; this vmm exits", successor);
+  successor_ = successor;
   handed_over_ = true;
   if (context.handed_over) context.handed_over->store(true);
   lease->hand_over();

@@ -81,6 +81,8 @@ class LiveUpdate {
   // A transfer committed: the VM, the control socket and the requesting
   // connection belong to the new process; this one only exits.
   [[nodiscard]] bool handed_over() const { return handed_over_.load(); }
+  // After handed_over(): the pid that now runs the VM.
+  [[nodiscard]] pid_t successor() const { return successor_.load(); }
 
  private:
   [[nodiscard]] Result<UpdateRequest> parse(const nlohmann::json& arguments) const;
@@ -92,6 +94,7 @@ class LiveUpdate {
   LaunchOptions launch_;
   control::Server* server_ = nullptr;
   std::atomic<bool> handed_over_{false};
+  std::atomic<pid_t> successor_{0};
   std::atomic<bool> cancelled_{false};
   UpdateGate gate_;
   mutable std::mutex record_mutex_;

@@ -11,6 +11,7 @@
 #include <spdlog/spdlog.h>
 
 #include "update/frames.h"
+#include "vmm/service_notify.h"
 
 namespace vmm {
 namespace {
@@ -83,7 +84,12 @@ Result<void> Runtime::serve_socket(UniqueFd inherited) {
 }
 
 int Runtime::wait(FdRef signals) {
+  // The VM runs and the control socket answers: a Type=notify service is up.
+  notify_ready(machine->config().name);
   wait_for_shutdown(*machine, signals);
+  // After a transfer the service is the new process, before this one exits.
+  if (update->handed_over()) notify_main_pid(update->successor());
+  else notify_stopping(machine->shutdown_reason());
   // An update in progress stops waiting for its new side and cancels.
   update->cancel();
   if (update->handed_over()) {
