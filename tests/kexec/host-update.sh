@@ -55,7 +55,7 @@ hu_start_vm() { # name
   mkdir -p "$hu_dir"
   kvm=/dev/kvm
   if [ "$1" = hu2 ]; then ln -sf /dev/kvm "$hu_kvm_link"; kvm=$hu_kvm_link; fi
-  /bin/vmm run --name "$1" --memory-backing "$2" --memory "$3" --vcpus "$4" --kvm-device "$kvm" \
+  /bin/vmm run --name "$1" --memory-backing "$2" --memory "$3" --vcpus "$4" --kvm-device "$kvm" --cmdline "$lab_guest_cmdline" \
     --control-socket "$hu_dir/$1.sock" --console "/tmp/hu/$1.console" >"/tmp/hu/$1.log" 2>&1 &
   eval "hu_pid_$(echo "$1" | tr -c 'a-z0-9\n' _)=$!"
   i=0; while [ ! -S "$hu_dir/$1.sock" ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
