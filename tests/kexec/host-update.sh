@@ -12,18 +12,25 @@
 #                       cancels the upgrade, the three VMs keep running,
 #                       nothing stays loaded
 #   host-update-retry   (rides on host-update, after its kexec) the agent's
-#                       restore of one VM fails (its KVM device is not there
-#                       yet): the agent keeps its session, the VMs that came
-#                       back run, and a second `vmm restore` brings it back
-#                       with its memory intact
+#                       restore of one VM fails after it took the VM's
+#                       session (the folder of its control socket is not
+#                       there yet): the agent keeps the session, the VMs that
+#                       came back run, and a second `vmm restore` brings it
+#                       back with its memory intact
 #   host-update-again   a second upgrade from the restored vmms: generation 2
 
 hu_dir=/run/vmm-hu
 hu_agent_sock=/run/vmm/luo-agent.sock
 hu_vms="hu0 hu1 hu2"
-# hu2's KVM device is a link that each boot has to make again: the new
-# kernel's agent starts hu2's restore before it exists (host-update-retry).
-hu_kvm_link=/run/kvm-hu2
+# hu2's control socket lives in a folder of its own, which each boot has to
+# make again (linked into $hu_dir for the coordinator): the new kernel's
+# agent starts hu2's restore before it exists, and that restore fails when
+# it serves its socket, after it took the session (host-update-retry).
+hu2_sock_dir=/run/hu2-socket
+hu_socket_of() { # name: the path the vmm serves
+  if [ "$1" = hu2 ]; then echo "$hu2_sock_dir/hu2.sock"; else echo "$hu_dir/$1.sock"; fi
+}
+hu2_make_socket_dir() { mkdir -p "$hu2_sock_dir" "$hu_dir"; ln -sf "$hu2_sock_dir/hu2.sock" "$hu_dir/hu2.sock"; }
 
 hu_spec() { # name: "backing memory vcpus"
   case $1 in
@@ -53,10 +60,9 @@ hu_start_vm() { # name
   # shellcheck disable=SC2046 # three words
   set -- "$1" $(hu_spec "$1")
   mkdir -p "$hu_dir"
-  kvm=/dev/kvm
-  if [ "$1" = hu2 ]; then ln -sf /dev/kvm "$hu_kvm_link"; kvm=$hu_kvm_link; fi
-  /bin/vmm run --name "$1" --memory-backing "$2" --memory "$3" --vcpus "$4" --kvm-device "$kvm" --cmdline "$lab_guest_cmdline" \
-    --control-socket "$hu_dir/$1.sock" --console "/tmp/hu/$1.console" >"/tmp/hu/$1.log" 2>&1 &
+  [ "$1" = hu2 ] && hu2_make_socket_dir
+  /bin/vmm run --name "$1" --memory-backing "$2" --memory "$3" --vcpus "$4" --cmdline "$lab_guest_cmdline" \
+    --control-socket "$(hu_socket_of "$1")" --console "/tmp/hu/$1.console" >"/tmp/hu/$1.log" 2>&1 &
   eval "hu_pid_$(echo "$1" | tr -c 'a-z0-9\n' _)=$!"
   i=0; while [ ! -S "$hu_dir/$1.sock" ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
   [ -S "$hu_dir/$1.sock" ]
@@ -198,7 +204,8 @@ host_update_after() { # scenario
   hu_name=$1; t0=$(now)
   generation=1; [ "$hu_name" = host-update-again ] && generation=2
   mkdir -p "$hu_dir"
-  [ "$hu_name" = host-update-again ] && ln -sf /dev/kvm "$hu_kvm_link"
+  # The second upgrade's agent restores hu2 too; the first's fails it once.
+  if [ "$hu_name" = host-update-again ]; then hu2_make_socket_dir; else ln -sf "$hu2_sock_dir/hu2.sock" "$hu_dir/hu2.sock"; fi
   hu_start_agent --restore-vms || {
     result "$hu_name" FAIL half=after "$(kv error "vmm agent: $(tail -3 /tmp/hu/agent.log)")"
     [ "$hu_name" = host-update ] && result host-update-retry FAIL reason=no_agent
@@ -206,7 +213,8 @@ host_update_after() { # scenario
   }
   retry_values=""; retry_ok=yes
   if [ "$hu_name" = host-update ]; then
-    # hu2's restore, started by the agent, fails: no KVM device yet.
+    # hu2's restore, started by the agent, takes the session and fails: no
+    # folder for its control socket yet.
     t=$(now); state=""
     while [ "$(elapsed "$t" | cut -d. -f1)" -lt 180 ]; do
       r=$(agent_ctl '{"execute":"list-restores"}' | tr -d ' \n' | grep -o '{[^{}]*"name":"hu2"[^{}]*}' | head -1)
@@ -214,14 +222,13 @@ host_update_after() { # scenario
       [ -n "$state" ] && [ "$state" != running ] && break
       sleep 0.5
     done
-    # Where hu2's session waits for the retry: with the agent once a restore
-    # asked for it, else still in the kernel (this restore failed before).
-    held=kernel; agent_ctl '{"execute":"list-sessions"}' | tr -d ' \n' | grep -q '"name":"hu2"' && held=agent
-    ln -sf /dev/kvm "$hu_kvm_link"
-    /bin/vmm restore --session hu2 --luo-agent "$hu_agent_sock" --kvm-device "$hu_kvm_link" \
-      --control-socket "$hu_dir/hu2.sock" --console /tmp/hu/hu2.console >/tmp/hu/hu2.retry.log 2>&1 &
-    retry_values="first_restore=${state:-unknown} session_with=$held"
-    [ "$state" = exited ] || retry_ok=no
+    # The agent holds hu2's session: the failed restore retrieved it.
+    held=no; agent_ctl '{"execute":"list-sessions"}' | tr -d ' \n' | grep -q '"name":"hu2"' && held=yes
+    hu2_make_socket_dir
+    /bin/vmm restore --session hu2 --luo-agent "$hu_agent_sock" \
+      --control-socket "$(hu_socket_of hu2)" --console /tmp/hu/hu2.console >/tmp/hu/hu2.retry.log 2>&1 &
+    retry_values="first_restore=${state:-unknown} agent_holds_the_session=$held"
+    [ "$state" = exited ] && [ $held = yes ] || retry_ok=no
   fi
   all_ok=yes; values=""; longest=0
   for vm in $hu_vms; do
@@ -266,6 +273,6 @@ hu_stop_all() {
   sleep 1
   [ -n "$hu_agent_pid" ] && { kill "$hu_agent_pid" 2>/dev/null; wait "$hu_agent_pid" 2>/dev/null; }
   pkill -f "vmm restore --session hu" 2>/dev/null
-  rm -rf "$hu_dir" "$hu_agent_sock"
+  rm -rf "$hu_dir" "$hu2_sock_dir" "$hu_agent_sock"
   hu_agent_pid=""
 }
