@@ -322,7 +322,15 @@ Result<void> Vcpu::restore(const VcpuState& state, TscRestore* tsc) {
       if (tsc) tsc->host_khz = current_khz;
       auto set = set_tsc_khz(state.tsc_khz);
       if (!set && !(tsc && set.error().code == EINVAL)) return set;
-      if (!set) tsc->kept_host_rate = true;
+      if (!set) {
+        tsc->kept_host_rate = true;
+        // KVM records the refused rate before refusing it (virtual_tsc_khz
+        // in kvm_set_tsc_khz): KVM_GET_TSC_KHZ would report it from now on
+        // while the vCPU runs at this host's, and the next save would carry
+        // that wrong rate on. Setting this host's own rate again puts the
+        // two back together.
+        VMM_TRY(with_context(set_tsc_khz(current_khz), "setting this host's TSC rate back after KVM refused the saved one"));
+      }
     }
   }
   // Special registers before the general ones: they set the CPU mode
