@@ -62,16 +62,22 @@ bool is_luo_agent(const Client& client) {
          greeting["QMP"]["version"].contains("luo-agent");
 }
 
-// Every vmm with a control socket in `dir`. A socket nobody listens on (a
-// vmm that is gone) is passed over; one whose vmm does not answer is an
-// error: the kexec would take its VM down with the host.
-Result<std::vector<std::unique_ptr<Participant>>> discover(const std::string& dir) {
+// The sockets in `dir` (links to sockets included), sorted.
+Result<std::vector<std::string>> sockets_in(const std::string& dir) {
   std::vector<std::string> sockets;
   std::error_code error;
   for (const auto& entry : std::filesystem::directory_iterator(dir, error))
     if (entry.is_socket(error)) sockets.push_back(entry.path().string());
   if (error) return fail(fmt::format("cannot list the vmm sockets in {}: {}", dir, error.message()), error.value());
   std::ranges::sort(sockets);
+  return sockets;
+}
+
+// Every vmm with a control socket in `dir`. A socket nobody listens on (a
+// vmm that is gone) is passed over; one whose vmm does not answer is an
+// error: the kexec would take its VM down with the host.
+Result<std::vector<std::unique_ptr<Participant>>> discover(const std::string& dir) {
+  VMM_TRY_ASSIGN(sockets, sockets_in(dir));
   std::vector<std::unique_ptr<Participant>> found;
   for (const auto& socket : sockets) {
     auto client = Client::connect(socket, kQueryTimeout);
@@ -309,20 +315,16 @@ int run_host_update(const HostUpdateOptions& options, std::ostream& out) {
 }
 
 int run_host_report(const std::string& socket_dir, std::ostream& out) {
-  std::vector<std::string> sockets;
-  std::error_code error;
-  for (const auto& entry : std::filesystem::directory_iterator(socket_dir, error))
-    if (entry.is_socket(error)) sockets.push_back(entry.path().string());
-  if (error) {
-    spdlog::error("host-report: cannot list {}: {}", socket_dir, error.message());
+  auto sockets = sockets_in(socket_dir);
+  if (!sockets) {
+    spdlog::error("host-report: {}", sockets.error().describe());
     return 2;
   }
-  std::ranges::sort(sockets);
   json vms = json::array();
   bool all_completed = true;
   int64_t longest = -1;
   std::string longest_name;
-  for (const auto& socket : sockets) {
+  for (const auto& socket : *sockets) {
     json entry = {{"socket", socket}};
     auto client = Client::connect(socket, kQueryTimeout);
     if (client && is_luo_agent(*client)) continue;

@@ -47,8 +47,8 @@ Result<void> UpdateGate::wait_at(Stop stop, int coordinator_fd, const std::atomi
   using namespace std::chrono_literals;
   std::unique_lock lock(mutex_);
   waiting_ = stop;
-  // A proceed is for one gate; a cancel stands until the update ends.
-  if (decision_ == Decision::proceed) decision_ = Decision::none;
+  // A cancel stands until the update ends; a proceed is only ever given to
+  // a waiting freeze gate, which takes it.
   while (true) {
     if (decision_ == Decision::cancel) {
       std::string reason = cancel_reason_;
