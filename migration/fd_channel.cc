@@ -9,6 +9,8 @@
 
 #include <fmt/format.h>
 
+#include "base/fd_passing.h"
+
 namespace vmm::migration {
 
 Result<std::pair<FdChannel, FdChannel>> FdChannel::pair() {
@@ -32,31 +34,14 @@ Result<void> FdChannel::send(std::string_view payload, std::span<const FdRef> fd
   if (fds.size() > kMaxFds) return fail(fmt::format("{} descriptors in one message; at most {}", fds.size(), kMaxFds));
   if (payload.size() > kMaxPayload)
     return fail(fmt::format("a {}-byte message; at most {}", payload.size(), kMaxPayload));
-  iovec io{const_cast<char*>(payload.data()), payload.size()};
   char empty = 0;
-  if (payload.empty()) io = {&empty, 1};  // a zero-length SEQPACKET message reads as EOF
-  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * kMaxFds)]{};
-  msghdr message{};
-  message.msg_iov = &io;
-  message.msg_iovlen = 1;
-  if (!fds.empty()) {
-    message.msg_control = control;
-    message.msg_controllen = CMSG_SPACE(sizeof(int) * fds.size());
-    cmsghdr* header = CMSG_FIRSTHDR(&message);
-    header->cmsg_level = SOL_SOCKET;
-    header->cmsg_type = SCM_RIGHTS;
-    header->cmsg_len = CMSG_LEN(sizeof(int) * fds.size());
-    for (size_t i = 0; i < fds.size(); ++i) {
-      const int fd = fds[i].get();
-      std::memcpy(CMSG_DATA(header) + i * sizeof(int), &fd, sizeof fd);
-    }
-  }
-  while (true) {
-    if (::sendmsg(socket_.get(), &message, MSG_NOSIGNAL) >= 0) return {};
-    if (errno == EINTR) continue;
-    if (errno == EPIPE || errno == ECONNRESET) return fail("the other process closed the transfer channel", errno);
-    return fail_errno("cannot send on the transfer channel");
-  }
+  // A zero-length SEQPACKET message reads as EOF: an empty payload goes as one NUL.
+  const std::string_view bytes = payload.empty() ? std::string_view(&empty, 1) : payload;
+  auto sent = send_with_fds(socket_.ref(), bytes, fds, 0, kMaxFds);
+  if (sent) return {};
+  const int code = sent.error().code;
+  if (code == EPIPE || code == ECONNRESET) return fail("the other process closed the transfer channel", code);
+  return std::unexpected(sent.error().with_context("cannot send on the transfer channel"));
 }
 
 Result<FdMessage> FdChannel::receive(std::optional<std::chrono::milliseconds> timeout) const {
@@ -79,30 +64,14 @@ Result<FdMessage> FdChannel::receive(std::optional<std::chrono::milliseconds> ti
     }
 
     std::string payload(kMaxPayload, '\0');
-    iovec io{payload.data(), payload.size()};
-    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * kMaxFds)]{};
-    msghdr message{};
-    message.msg_iov = &io;
-    message.msg_iovlen = 1;
-    message.msg_control = control;
-    message.msg_controllen = sizeof control;
-    const ssize_t received = ::recvmsg(socket_.get(), &message, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
-    if (received < 0 && (errno == EINTR || errno == EAGAIN)) continue;
-    if (received < 0) return fail_errno("cannot receive on the transfer channel");
     FdMessage out;
-    for (cmsghdr* header = CMSG_FIRSTHDR(&message); header; header = CMSG_NXTHDR(&message, header)) {
-      if (header->cmsg_level != SOL_SOCKET || header->cmsg_type != SCM_RIGHTS) continue;
-      const size_t count = (header->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-      for (size_t i = 0; i < count; ++i) {
-        int fd = -1;
-        std::memcpy(&fd, CMSG_DATA(header) + i * sizeof(int), sizeof fd);
-        out.fds.emplace_back(fd);
-      }
-    }
-    if (received == 0) return fail("the other process closed the transfer channel", ECONNRESET);
-    if (message.msg_flags & (MSG_TRUNC | MSG_CTRUNC))
+    auto received = receive_with_fds(socket_.ref(), payload, out.fds, MSG_DONTWAIT, kMaxFds);
+    if (!received && (received.error().code == EINTR || received.error().code == EAGAIN)) continue;
+    if (!received && (received.error().code == EPROTO || received.error().code == EMSGSIZE))
       return fail("a message on the transfer channel was truncated", EMSGSIZE);
-    payload.resize(static_cast<size_t>(received));
+    if (!received) return std::unexpected(received.error().with_context("cannot receive on the transfer channel"));
+    if (*received == 0) return fail("the other process closed the transfer channel", ECONNRESET);
+    payload.resize(*received);
     if (payload.size() == 1 && payload[0] == '\0') payload.clear();
     out.payload = std::move(payload);
     return out;
