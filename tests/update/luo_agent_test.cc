@@ -19,6 +19,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "tests/update/agent_fixture.h"
 #include "tests/update/fake_luo_kernel.h"
 #include "update/agent_backend.h"
 #include "update/luo_agent.h"
@@ -43,46 +44,10 @@ std::optional<json> find_session(const json& list, const std::string& name) {
   return std::nullopt;
 }
 
-class LuoAgentTest : public ::testing::Test {
+class LuoAgentTest : public testing::FakeKernelAgentTest {
  protected:
-  void SetUp() override {
-    FakeLuoKernel::current() = &kernel_;
-    char pattern[] = "/tmp/vmm-luo-agent-test-XXXXXX";
-    ASSERT_NE(::mkdtemp(pattern), nullptr);
-    dir_ = pattern;
-    path_ = dir_ + "/agent.sock";
-    auto agent = LuoAgent::open("/dev/liveupdate", FakeLuoKernel::syscalls());
-    ASSERT_TRUE(agent) << agent.error().describe();
-    agent_ = std::move(*agent);
-    auto server = listen_luo_agent(path_, *agent_);
-    ASSERT_TRUE(server) << server.error().describe();
-    server_ = std::move(*server);
-  }
-  void TearDown() override {
-    if (server_) server_->stop();
-    server_.reset();
-    agent_.reset();
-    FakeLuoKernel::current() = nullptr;
-    std::filesystem::remove_all(dir_);
-  }
-
-  std::unique_ptr<AgentBackend> backend() {
-    auto connected = AgentBackend::connect(path_, FakeLuoKernel::syscalls());
-    EXPECT_TRUE(connected) << connected.error().describe();
-    return connected ? std::move(*connected) : nullptr;
-  }
-  control::Client raw_client() {
-    auto client = control::Client::connect(path_);
-    EXPECT_TRUE(client) << client.error().describe();
-    EXPECT_TRUE(client->negotiate());
-    return std::move(*client);
-  }
   json list() { return agent_->list(); }
 
-  FakeLuoKernel kernel_;
-  std::string dir_, path_;
-  std::unique_ptr<LuoAgent> agent_;
-  std::unique_ptr<control::Server> server_;
 };
 
 TEST_F(LuoAgentTest, OpensTheDeviceOnceForEveryClient) {

@@ -21,6 +21,7 @@
 
 #include "base/memfd.h"
 #include "migration/state_blob.h"
+#include "tests/update/agent_fixture.h"
 #include "tests/update/fake_luo_kernel.h"
 #include "update/agent_backend.h"
 #include "update/luo_agent.h"
@@ -36,45 +37,17 @@ using nlohmann::json;
 using testing::FakeLuoKernel;
 using Argv = std::vector<std::string>;
 
-class LuoRegistryTest : public ::testing::Test {
+class LuoRegistryTest : public testing::FakeKernelAgentTest {
  protected:
-  void SetUp() override {
-    FakeLuoKernel::current() = &kernel_;
-    char pattern[] = "/tmp/vmm-luo-registry-test-XXXXXX";
-    ASSERT_NE(::mkdtemp(pattern), nullptr);
-    dir_ = pattern;
-    path_ = dir_ + "/agent.sock";
-    auto agent = LuoAgent::open("/dev/liveupdate", FakeLuoKernel::syscalls());
-    ASSERT_TRUE(agent) << agent.error().describe();
-    agent_ = std::move(*agent);
-    auto server = listen_luo_agent(path_, *agent_);
-    ASSERT_TRUE(server) << server.error().describe();
-    server_ = std::move(*server);
-  }
   void TearDown() override {
     for (pid_t pid : sleepers_) {
       ::kill(pid, SIGKILL);
       ::waitpid(pid, nullptr, 0);  // ECHILD when the agent reaped it already
     }
-    if (server_) server_->stop();
-    server_.reset();
-    agent_.reset();
     next_agent_.reset();
-    FakeLuoKernel::current() = nullptr;
-    std::filesystem::remove_all(dir_);
+    FakeKernelAgentTest::TearDown();
   }
 
-  std::unique_ptr<AgentBackend> backend() {
-    auto connected = AgentBackend::connect(path_, FakeLuoKernel::syscalls());
-    EXPECT_TRUE(connected) << connected.error().describe();
-    return connected ? std::move(*connected) : nullptr;
-  }
-  control::Client raw_client() {
-    auto client = control::Client::connect(path_);
-    EXPECT_TRUE(client) << client.error().describe();
-    EXPECT_TRUE(client->negotiate());
-    return std::move(*client);
-  }
   // A command that must succeed.
   json call(const std::string& command, const json& arguments = json::object()) {
     auto client = raw_client();
@@ -132,10 +105,8 @@ class LuoRegistryTest : public ::testing::Test {
     next_.incoming_files[kRegistrySessionName][kRegistryToken] = std::move(memfd);
   }
 
-  FakeLuoKernel kernel_, next_;
-  std::string dir_, path_;
-  std::unique_ptr<LuoAgent> agent_, next_agent_;
-  std::unique_ptr<control::Server> server_;
+  FakeLuoKernel next_;
+  std::unique_ptr<LuoAgent> next_agent_;
   std::vector<pid_t> sleepers_;
 };
 
