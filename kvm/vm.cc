@@ -47,6 +47,14 @@ Result<int> Vm::check_extension(long cap) const {
                        fmt::format("KVM_CHECK_EXTENSION({}) on the VM", cap));
 }
 
+Result<bool> Vm::usable_by_this_process(FdRef vm_fd) {
+  auto answer = detail::ioctl(vm_fd, KVM_CHECK_EXTENSION, static_cast<long>(KVM_CAP_USER_MEMORY),
+                              "KVM_CHECK_EXTENSION(KVM_CAP_USER_MEMORY) on the VM");
+  if (answer) return true;
+  if (answer.error().code == EIO) return false;
+  return std::unexpected(answer.error());
+}
+
 Result<GuestMemfd> Vm::create_guest_memfd(uint64_t size, uint64_t flags) {
   if (size == 0 || size % kPageSize != 0) {
     return fail(fmt::format("guest_memfd size {:#x} is not a non-zero multiple of the page size "

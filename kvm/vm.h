@@ -46,6 +46,11 @@ class Vm {
   // depend on the VM type).
   [[nodiscard]] Result<int> check_extension(long cap) const;
 
+  // Whether this process may use the VM behind `vm_fd`: KVM answers every VM
+  // ioctl with EIO in any process but the one whose memory the VM was created
+  // in (KVM_CREATE_VM, or the process that retrieved it from LUO).
+  [[nodiscard]] static Result<bool> usable_by_this_process(FdRef vm_fd);
+
   [[nodiscard]] Result<Vcpu> create_vcpu(uint32_t id);
 
   // KVM_IRQ_LINE on the in-kernel irqchip (GSI numbering).

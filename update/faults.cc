@@ -8,7 +8,7 @@
 namespace vmm {
 namespace {
 
-constexpr std::array<std::pair<Fault, std::string_view>, 11> kNames{{
+constexpr std::array<std::pair<Fault, std::string_view>, 12> kNames{{
     {Fault::none, "none"},
     {Fault::preserve_refused, "preserve-refused"},
     {Fault::state_too_large, "state-too-large"},
@@ -20,6 +20,7 @@ constexpr std::array<std::pair<Fault, std::string_view>, 11> kNames{{
     {Fault::delay_loaded, "delay-loaded"},
     {Fault::delay_go, "delay-go"},
     {Fault::skip_version_check, "skip-version-check"},
+    {Fault::give_up_after_rebuild, "give-up-after-rebuild"},
 }};
 
 }  // namespace
@@ -58,7 +59,8 @@ bool fault_applies(Fault fault, std::string_view mode) {
     case Fault::corrupt_state: return true;
     case Fault::preserve_refused:
     case Fault::wrong_token:
-    case Fault::wrong_vm_token: return !transfer;
+    case Fault::wrong_vm_token:
+    case Fault::give_up_after_rebuild: return !transfer;
     case Fault::target_refuses:
     case Fault::target_crash:
     case Fault::delay_loaded:
@@ -66,6 +68,11 @@ bool fault_applies(Fault fault, std::string_view mode) {
     case Fault::skip_version_check: return mode != "kexec";
   }
   return false;
+}
+
+bool fault_acts_in_luo_restore(Fault fault) {
+  return fault == Fault::corrupt_state || fault == Fault::wrong_token || fault == Fault::wrong_vm_token ||
+         fault == Fault::give_up_after_rebuild;
 }
 
 }  // namespace vmm

@@ -31,12 +31,16 @@ enum class Fault {
   delay_loaded,      // transfer: the new process says "loaded" only after the old one's deadline
   delay_go,          // transfer: the old process waits 300 ms before it says "go"
   skip_version_check,  // exec, transfer: hand over without asking the new binary its versions
+  give_up_after_rebuild,  // restore: the new process gives up once it rebuilt the VM, before the guest runs
 };
 
 [[nodiscard]] Result<Fault> fault_from_string(std::string_view name);
 [[nodiscard]] std::string_view to_string(Fault fault);
 // Whether `fault` can be injected into an update in `mode`.
 [[nodiscard]] bool fault_applies(Fault fault, std::string_view mode);
+// Whether `fault` acts in the new process of an exec or kexec (`vmm
+// restore`), so that it travels in the handover record.
+[[nodiscard]] bool fault_acts_in_luo_restore(Fault fault);
 
 // A test's fault plus the deadlines it shortens, so the crossing of a
 // message and a deadline can be tested without waiting 30 s.

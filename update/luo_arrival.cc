@@ -17,6 +17,7 @@
 #include "update/session_holder.h"
 #include "update/agent_backend.h"
 #include "update/session_source.h"
+#include "vmm/control/server.h"
 
 extern char** environ;
 
@@ -237,6 +238,15 @@ std::variant<Arrival, int> arrive_by_luo(const LuoArrivalOptions& options) {
     // What can be checked before the retrieve is: a failure here leaves the
     // session untouched in the kernel, for the next `vmm restore`.
     if (auto kvm = kvm::System::open(handover.launch.kvm_device); !kvm) return give_up(kvm.error());
+    // A VM fd retrieved here is this process's alone: a control socket that
+    // cannot be served must fail the restore before the retrieve, not after.
+    if (const std::string& socket = handover.launch.control_socket_path; !socket.empty())
+      if (auto listenable = control::Server::check_listen_path(socket); !listenable) {
+        const int status = give_up(listenable.error());
+        spdlog::error("the LUO session '{}' is untouched: once the socket's folder is right, `vmm restore --session "
+                      "{}` restores the VM", handover.session, handover.session);
+        return status;
+      }
     auto session = retrieve_kernel_session(handover.session);
     if (!session) return give_up(session.error());
     side->session = std::move(*session);
@@ -287,6 +297,8 @@ std::variant<Arrival, int> arrive_by_luo(const LuoArrivalOptions& options) {
                        std::move(retrieved->state)};
   auto machine = Machine::restore(config, std::move(inputs));
   if (!machine) return give_up(machine.error());
+  if (handover.fault == Fault::give_up_after_rebuild)
+    return give_up(Error{ECANCELED, "the test fault give-up-after-rebuild: this restore stops once it rebuilt the VM"});
   arrival.machine = std::move(*machine);
   if (listening_fd >= 0) arrival.listening_socket = UniqueFd(listening_fd);
   if (connection_fd >= 0) arrival.connection = UniqueFd(connection_fd);

@@ -68,9 +68,7 @@ HandoverRecord base_record(HandoverContext& context) {
   handover.launch = context.launch;
   handover.record = context.record;
   if (context.command.id) handover.reply_id = *context.command.id;
-  if (context.request.faults.fault == Fault::corrupt_state || context.request.faults.fault == Fault::wrong_token ||
-      context.request.faults.fault == Fault::wrong_vm_token)
-    handover.fault = context.request.faults.fault;
+  if (fault_acts_in_luo_restore(context.request.faults.fault)) handover.fault = context.request.faults.fault;
   return handover;
 }
 

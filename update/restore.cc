@@ -10,6 +10,7 @@
 #include <spdlog/spdlog.h>
 
 #include "base/memfd.h"
+#include "kvm/vm.h"
 #include "migration/state_blob.h"
 
 namespace vmm {
@@ -42,9 +43,25 @@ Result<RetrievedVm> retrieve_vm(luo::Session& session, Fault fault) {
   // Then the VM, before its guest_memfds (which are re-bound to it as they
   // are retrieved). Token 0: the kernel could not carry the VM fd (no KVM
   // LUO handler); the VM is built anew around the memfds.
+  bool vm_usable = true;
   if (vm_token != 0) {
     VMM_TRY_ASSIGN(vm_fd, with_context(session.retrieve(vm_token), "retrieving the VM (token 1)"));
-    retrieved.vm_fd = std::move(vm_fd);
+    // A VM an earlier `vmm restore` retrieved and then gave up is that
+    // process's: LUO hands the same VM out again, and KVM refuses it here.
+    VMM_TRY_ASSIGN(usable, with_context(kvm::Vm::usable_by_this_process(vm_fd.ref()), "checking the retrieved VM"));
+    vm_usable = usable;
+    if (vm_usable) retrieved.vm_fd = std::move(vm_fd);
+  }
+  if (!vm_usable) {
+    for (const auto& ref : state.memory)
+      if (ref.spec.backing == memory::Backing::guest_memfd)
+        return fail(fmt::format("the session's VM was retrieved by an earlier `vmm restore` that gave up, and KVM "
+                                "lets no other process use that VM; memory region '{}' is a guest_memfd, which binds "
+                                "only to it, so this VM cannot be rebuilt here. Its memory stays in the session "
+                                "(`vmm restore --discard` drops it)", ref.spec.name), EIO);
+    spdlog::warn("vmm restore: the session's VM was retrieved by an earlier `vmm restore` that gave up, and KVM lets "
+                 "no other process use it: building a new VM around the same memfds (KVM's VM-wide state comes "
+                 "from the saved state)");
   }
 
   bool first_region = true;

@@ -597,6 +597,30 @@ TEST_F(ControlServerTest, SecondServerOnALiveSocketIsRefused) {
   expect_still_serving();
 }
 
+// The check a restore makes before it takes a VM's session refuses what
+// listen() would, in the same words, and creates nothing.
+TEST_F(ControlServerTest, ListenPathCheckRefusesWhatListenWouldAndCreatesNothing) {
+  const std::string fresh = dir_ + "/fresh.sock";
+  ASSERT_TRUE(Server::check_listen_path(fresh));
+  struct stat file{};
+  EXPECT_NE(::lstat(fresh.c_str(), &file), 0) << "the check created " << fresh;
+
+  auto missing = Server::check_listen_path(dir_ + "/no/such/dir/control.sock");
+  ASSERT_FALSE(missing);
+  EXPECT_EQ(missing.error().message, "control socket directory " + dir_ + "/no/such/dir does not exist (create it first)");
+
+  start();
+  auto taken = Server::check_listen_path(path_);
+  ASSERT_FALSE(taken);
+  EXPECT_EQ(taken.error().code, EADDRINUSE);
+  EXPECT_NE(taken.error().message.find("already exists"), std::string::npos) << taken.error().message;
+  expect_still_serving();
+
+  auto too_long = Server::check_listen_path(dir_ + "/" + std::string(120, 'x'));
+  ASSERT_FALSE(too_long);
+  EXPECT_NE(too_long.error().message.find("is too long"), std::string::npos) << too_long.error().message;
+}
+
 TEST_F(ControlServerTest, MissingDirectoryAndLongPathAreClearErrors) {
   auto missing = Server::listen(dir_ + "/no/such/dir/control.sock", handler_);
   ASSERT_FALSE(missing);

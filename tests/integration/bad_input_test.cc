@@ -268,6 +268,18 @@ TEST(RestoreCommand, AMissingKvmDeviceIsReportedBeforeTheRetrieve) {
   EXPECT_EQ(std::ranges::count(err, '\n'), 1) << err;
 }
 
+// So is a control socket that could not be served (its folder is not
+// there): after the retrieve the VM would be this process's alone.
+TEST(RestoreCommand, AnUnservableControlSocketIsReportedBeforeTheRetrieve) {
+  auto [status, err] = ASSERT_OK(VmmProcess::run_to_exit(
+      {"restore", "--session", "vm-1", "--console", "none", "--control-socket", "/nonexistent/dir/vm-1.sock"}));
+  EXPECT_TRUE(status.exited);
+  EXPECT_EQ(status.code, 1);
+  EXPECT_NE(err.find("control socket directory /nonexistent/dir does not exist"), std::string::npos) << err;
+  EXPECT_NE(err.find("session 'vm-1' is untouched"), std::string::npos) << err;
+  EXPECT_EQ(err.find("/dev/liveupdate"), std::string::npos) << "nothing was asked of LUO: " << err;
+}
+
 TEST(RestoreCommand, RequiresASessionName) {
   auto [status, err] = ASSERT_OK(VmmProcess::run_to_exit({"restore"}));
   EXPECT_NE(status.code, 0);

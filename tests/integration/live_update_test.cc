@@ -438,7 +438,8 @@ TEST_P(FailureDuringRestore, IsReportedAndTheRollbackRestoresTheVm) {
 INSTANTIATE_TEST_SUITE_P(Injected, FailureDuringRestore,
                          ::testing::Values(InjectedFault{"corrupt-state", "checksum"},
                                            InjectedFault{"wrong-token", "token"},
-                                           InjectedFault{"wrong-vm-token", "VM with token"}),
+                                           InjectedFault{"wrong-vm-token", "VM with token"},
+                                           InjectedFault{"give-up-after-rebuild", "rebuilt the VM"}),
                          fault_test_name);
 
 class TransferFailsAfterThePause : public ::testing::TestWithParam<InjectedFault> {};

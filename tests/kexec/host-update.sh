@@ -12,10 +12,15 @@
 #                       cancels the upgrade, the three VMs keep running,
 #                       nothing stays loaded
 #   host-update-retry   (rides on host-update, after its kexec) the agent's
-#                       restore of one VM fails after it took the VM's
+#                       restore of one VM fails before it takes the VM's
 #                       session (the folder of its control socket is not
-#                       there yet): the agent keeps the session, the VMs that
-#                       came back run, and a second `vmm restore` brings it
+#                       there yet): the session stays untouched in the
+#                       kernel. Then a restore (test build) gives up after it
+#                       took the session and rebuilt the VM: the agent keeps
+#                       the session; the VM fd that restore retrieved is no
+#                       other process's to use (KVM LUO kernel), so the last
+#                       `vmm restore` builds a new VM around the same memfds.
+#                       The VMs that came back run meanwhile, and hu2 comes
 #                       back with its memory intact
 #   host-update-again   a second upgrade from the restored vmms: generation 2
 
@@ -24,8 +29,8 @@ hu_agent_sock=/run/vmm/luo-agent.sock
 hu_vms="hu0 hu1 hu2"
 # hu2's control socket lives in a folder of its own, which each boot has to
 # make again (linked into $hu_dir for the coordinator): the new kernel's
-# agent starts hu2's restore before it exists, and that restore fails when
-# it serves its socket, after it took the session (host-update-retry).
+# agent starts hu2's restore before it exists, and that restore fails
+# before it takes the session (host-update-retry).
 hu2_sock_dir=/run/hu2-socket
 hu_socket_of() { # name: the path the vmm serves
   if [ "$1" = hu2 ]; then echo "$hu2_sock_dir/hu2.sock"; else echo "$hu_dir/$1.sock"; fi
@@ -147,7 +152,7 @@ host_update_before() { # scenario rest-of-scenarios
   hu_name=$1; t0=$(now)
   fail_hu() {
     for vm in $hu_vms; do
-      for log in /tmp/hu/$vm.log /tmp/hu/$vm.restore.log /tmp/hu/$vm.retry.log; do
+      for log in /tmp/hu/$vm.log /tmp/hu/$vm.restore.log /tmp/hu/$vm.gave-up.log /tmp/hu/$vm.retry.log; do
         [ -s "$log" ] && info "$hu_name" "$log: $(tail -6 "$log" | one_line)"
       done
     done
@@ -213,8 +218,8 @@ host_update_after() { # scenario
   }
   retry_values=""; retry_ok=yes
   if [ "$hu_name" = host-update ]; then
-    # hu2's restore, started by the agent, takes the session and fails: no
-    # folder for its control socket yet.
+    # hu2's restore, started by the agent, fails before it takes the
+    # session: no folder for its control socket yet.
     t=$(now); state=""
     while [ "$(elapsed "$t" | cut -d. -f1)" -lt 180 ]; do
       r=$(agent_ctl '{"execute":"list-restores"}' | tr -d ' \n' | grep -o '{[^{}]*"name":"hu2"[^{}]*}' | head -1)
@@ -222,13 +227,24 @@ host_update_after() { # scenario
       [ -n "$state" ] && [ "$state" != running ] && break
       sleep 0.5
     done
-    # The agent holds hu2's session: the failed restore retrieved it.
-    held=no; agent_ctl '{"execute":"list-sessions"}' | tr -d ' \n' | grep -q '"name":"hu2"' && held=yes
+    untouched=no; grep -q "session 'hu2' is untouched" /tmp/hu/hu2.restore.log 2>/dev/null && untouched=yes
+    held_first=no; agent_ctl '{"execute":"list-sessions"}' | tr -d ' \n' | grep -q '"name":"hu2"' && held_first=yes
     hu2_make_socket_dir
+    # A restore that gives up once it took the session and rebuilt the VM.
+    if [ -x /lab/vmm-faults ]; then
+      timeout 180 /lab/vmm-faults restore --session hu2 --luo-agent "$hu_agent_sock" --x-inject give-up-after-rebuild \
+        --control-socket "$(hu_socket_of hu2)" --console /tmp/hu/hu2.console >/tmp/hu/hu2.gave-up.log 2>&1
+      gave_up_rc=$?
+    else
+      gave_up_rc=none
+    fi
+    held=no; agent_ctl '{"execute":"list-sessions"}' | tr -d ' \n' | grep -q '"name":"hu2"' && held=yes
     /bin/vmm restore --session hu2 --luo-agent "$hu_agent_sock" \
       --control-socket "$(hu_socket_of hu2)" --console /tmp/hu/hu2.console >/tmp/hu/hu2.retry.log 2>&1 &
-    retry_values="first_restore=${state:-unknown} agent_holds_the_session=$held"
-    [ "$state" = exited ] && [ $held = yes ] || retry_ok=no
+    retry_values="first_restore=${state:-unknown} session_untouched=$untouched agent_held_it_first=$held_first"
+    retry_values="$retry_values gave_up_rc=$gave_up_rc agent_holds_the_session=$held"
+    [ "$state" = exited ] && [ $untouched = yes ] && [ $held_first = no ] && [ "$gave_up_rc" = 1 ] &&
+      [ $held = yes ] || retry_ok=no
   fi
   all_ok=yes; values=""; longest=0
   for vm in $hu_vms; do
@@ -245,7 +261,11 @@ host_update_after() { # scenario
       all_ok=no; info "$hu_name" "$vm: $u"; info "$hu_name" "$(tail -5 /tmp/hu/$vm.restore.log 2>/dev/null)"
     }
     if [ "$vm" = hu2 ] && [ "$hu_name" = host-update ]; then
-      retry_values="$retry_values mismatches=${m:-none} generation=${gen:-none}"
+      # The KVM LUO kernel preserved the VM fd, which the test build's
+      # restore took: the retry builds a new VM (mainline always does).
+      rebuilt=no; grep -q "building a new VM around the same memfds" /tmp/hu/hu2.retry.log 2>/dev/null && rebuilt=yes
+      retry_values="$retry_values mismatches=${m:-none} generation=${gen:-none} new_vm=$rebuilt"
+      [ "$(arg kernel mainline)" = mainline ] || [ $rebuilt = yes ] || retry_ok=no
       [ "$m" = 0 ] && [ "$gen" = 1 ] || retry_ok=no
       beating=$(hu_all_beating)
       retry_values="$retry_values vms_beating=$beating/3"
@@ -260,7 +280,7 @@ host_update_after() { # scenario
   if [ $all_ok = yes ]; then result "$hu_name" PASS half=after "$@"; else result "$hu_name" FAIL half=after "$@"; fi
   if [ "$hu_name" = host-update ]; then
     if [ $retry_ok = yes ]; then result host-update-retry PASS $retry_values; else
-      info host-update-retry "$(cat /tmp/hu/hu2.restore.log 2>/dev/null | tail -5)"; result host-update-retry FAIL $retry_values; fi
+      info host-update-retry "$(tail -4 /tmp/hu/hu2.restore.log /tmp/hu/hu2.gave-up.log /tmp/hu/hu2.retry.log 2>/dev/null)"; result host-update-retry FAIL $retry_values; fi
   fi
   # The scenarios after these run without an agent and without these VMs.
   [ "$hu_name" = host-update-again ] || [ $all_ok = no ] && hu_stop_all

@@ -4,6 +4,8 @@
 #include <gtest/gtest.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <cstring>
 
@@ -36,6 +38,30 @@ struct AnonymousMemory {
   size_t size;
   void* data;
 };
+
+// KVM refuses a VM to every process but its creator (a LUO retrieve makes
+// the retriever the creator): a second `vmm restore` has to know.
+TEST_F(VmTest, VmIsUsableOnlyByTheProcessThatCreatedIt) {
+  auto vm = make_vm();
+  ASSERT_TRUE(vm) << vm.error().describe();
+  auto here = Vm::usable_by_this_process(vm->fd());
+  ASSERT_TRUE(here) << here.error().describe();
+  EXPECT_TRUE(*here);
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    auto there = Vm::usable_by_this_process(vm->fd());
+    ::_exit(!there ? 2 : *there ? 1 : 0);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "1: the child could use its parent's VM; 2: the check failed";
+
+  auto closed = Vm::usable_by_this_process(FdRef(-1));
+  ASSERT_FALSE(closed);
+  EXPECT_EQ(closed.error().code, EBADF);
+}
 
 TEST_F(VmTest, GuestMemfdRejectsUnalignedSize) {
   auto vm = make_vm();

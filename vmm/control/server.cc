@@ -169,6 +169,21 @@ Result<sockaddr_un> unix_address(const std::string& path) {
   return address;
 }
 
+// Why the socket file cannot be created at `path`, as bind(2) said (`code`).
+Error bind_failure(const std::string& path, int code) {
+  switch (code) {
+    case EADDRINUSE:
+      return Error{code, "control socket path " + path + " already exists (is another vmm running? remove it if stale)"};
+    case ENOENT:
+    case ENOTDIR:
+      return Error{code, "control socket directory " + directory_of(path) + " does not exist (create it first)"};
+    case EACCES:
+      return Error{code, "cannot create control socket " + path + ": no write permission on " + directory_of(path)};
+    default:
+      return Error{code, "bind control socket " + path};
+  }
+}
+
 // Creates and binds the socket file with mode 0600. The mode is set on the
 // socket before bind (Linux gives the file the socket inode's mode, less the
 // umask), so there is no moment when the path is accessible to others, and
@@ -177,26 +192,8 @@ Result<UniqueFd> bind_socket(const std::string& path, const sockaddr_un& address
   UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
   if (!fd) return fail_errno("create control socket");
   if (fchmod(fd.get(), 0600) < 0) return fail_errno("set mode 0600 on control socket");
-  if (::bind(fd.get(), reinterpret_cast<const sockaddr*>(&address), sizeof address) < 0) {
-    int bind_errno = errno;
-    switch (bind_errno) {
-      case EADDRINUSE:
-        return fail("control socket path " + path +
-                        " already exists (is another vmm running? remove it if stale)",
-                    bind_errno);
-      case ENOENT:
-      case ENOTDIR:
-        return fail("control socket directory " + directory_of(path) +
-                        " does not exist (create it first)",
-                    bind_errno);
-      case EACCES:
-        return fail("cannot create control socket " + path + ": no write permission on " +
-                        directory_of(path),
-                    bind_errno);
-      default:
-        return fail("bind control socket " + path, bind_errno);
-    }
-  }
+  if (::bind(fd.get(), reinterpret_cast<const sockaddr*>(&address), sizeof address) < 0)
+    return std::unexpected(bind_failure(path, errno));
   return fd;
 }
 
@@ -617,6 +614,17 @@ Result<std::unique_ptr<Server>> Server::listen(const std::string& path, CommandH
   }
   spdlog::info("control: listening on {}", path);
   return server;
+}
+
+Result<void> Server::check_listen_path(const std::string& path) {
+  VMM_TRY(unix_address(path));
+  struct stat file{};
+  if (::lstat(path.c_str(), &file) == 0) return std::unexpected(bind_failure(path, EADDRINUSE));
+  const std::string directory = directory_of(path);
+  if (::stat(directory.c_str(), &file) != 0) return std::unexpected(bind_failure(path, errno));
+  if (!S_ISDIR(file.st_mode)) return std::unexpected(bind_failure(path, ENOTDIR));
+  if (::access(directory.c_str(), W_OK | X_OK) != 0) return std::unexpected(bind_failure(path, errno));
+  return {};
 }
 
 Result<std::unique_ptr<Server>> Server::adopt(UniqueFd listening_fd, const std::string& path,

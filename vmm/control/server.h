@@ -64,6 +64,11 @@ class Server {
                                                               CommandHandler& handler,
                                                               ServerOptions options = {});
 
+  // What listen() would refuse, checked without creating anything: a path
+  // too long, a directory that is not there or not writable, a path that
+  // exists. A restore checks it before it takes the VM's session.
+  [[nodiscard]] static Result<void> check_listen_path(const std::string& path);
+
   // Serves a socket that is already bound to `path` and listening, e.g. one
   // inherited across execve during a live update: clients that connect in
   // between wait in the listen backlog and are served here. Takes ownership
