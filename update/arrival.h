@@ -13,6 +13,7 @@
 
 #include "base/result.h"
 #include "base/unique_fd.h"
+#include "luo/session.h"
 #include "machine/machine.h"
 #include "update/faults.h"
 #include "update/handover_record.h"
@@ -65,6 +66,9 @@ struct LuoArrivalOptions {
   int luo_manifest_fd = -1;       // set in a rollback: the manifest pass_on wrote anew
   LaunchOptions launch;           // kexec: as given on the command line
   Fault fault = Fault::none;      // kexec, faults build only: `--x-inject` on the command line
+  // `vmm run` started by systemd with the VM's files in $LISTEN_FDS
+  // (update/fd_store.h): the session comes from there, not from LUO.
+  std::shared_ptr<luo::Backend> fd_store;
 };
 [[nodiscard]] std::variant<Arrival, int> arrive_by_luo(const LuoArrivalOptions& options);
 

@@ -65,7 +65,7 @@ bool fault_applies(Fault fault, std::string_view mode) {
     case Fault::target_crash:
     case Fault::delay_loaded:
     case Fault::delay_go: return transfer;
-    case Fault::skip_version_check: return mode != "kexec";
+    case Fault::skip_version_check: return mode != "kexec" && mode != "fdstore";
   }
   return false;
 }

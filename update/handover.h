@@ -33,7 +33,7 @@ class Server;
 
 // live-update's arguments, checked.
 struct UpdateRequest {
-  std::string mode;    // transfer | exec | kexec
+  std::string mode;    // transfer | exec | kexec | fdstore
   std::string binary;  // exec, transfer: the new vmm
   std::string kernel, initrd, cmdline;  // kexec
   bool prefault = true;  // transfer: fill the new process's page tables for guest RAM before the pause
@@ -76,13 +76,15 @@ class Handover {
   // The state is in the buffer prepare returned, `state_bytes` long.
   [[nodiscard]] virtual Result<void> hand_over(HandoverContext& context, size_t state_bytes) = 0;
   virtual void cancel(HandoverContext& context) = 0;
-  // After a successful hand_over: the pid that now runs the VM.
+  // After a successful hand_over: the pid that now runs the VM (0: none
+  // yet, the VM waits in systemd's fd store).
   [[nodiscard]] virtual pid_t successor() const = 0;
 };
 
 [[nodiscard]] std::unique_ptr<Handover> make_exec_handover();
 [[nodiscard]] std::unique_ptr<Handover> make_kexec_handover();
 [[nodiscard]] std::unique_ptr<Handover> make_transfer_handover();
+[[nodiscard]] std::unique_ptr<Handover> make_fd_store_handover();
 
 // Tokens in the VM's LUO session. Regions get kFirstRegionToken + their index.
 inline constexpr uint64_t kVmToken = 1;

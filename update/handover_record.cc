@@ -69,7 +69,8 @@ std::vector<uint8_t> encode(const HandoverRecord& record) {
                 {{"control_socket", record.launch.control_socket_path},
                  {"console", record.launch.console},
                  {"log_level", record.launch.log_level},
-                 {"kvm_device", record.launch.kvm_device}}},
+                 {"kvm_device", record.launch.kvm_device},
+                 {"on_sigterm", record.launch.on_sigterm}}},
                {"luo_manifest", position(record.luo_manifest)},
                {"listening_socket", position(record.listening_socket)},
                {"connection", position(record.connection)},
@@ -151,7 +152,7 @@ Result<HandoverRecord> decode_handover(std::span<const uint8_t> bytes) {
   if (body.is_discarded() || !body.is_object()) return fail("the handover record's body is not a JSON object", EPROTO);
 
   VMM_TRY_ASSIGN(mode, read_string(body, "mode", true));
-  if (mode != "exec" && mode != "kexec" && mode != "transfer")
+  if (mode != "exec" && mode != "kexec" && mode != "transfer" && mode != "fdstore")
     return fail(fmt::format("the handover record's mode '{}' is unknown", mode), EPROTO);
   record.mode = mode;
   VMM_TRY_ASSIGN(session, read_string(body, "session", false));
@@ -163,10 +164,15 @@ Result<HandoverRecord> decode_handover(std::span<const uint8_t> bytes) {
     VMM_TRY_ASSIGN(console, read_string(launch, "console", false));
     VMM_TRY_ASSIGN(level, read_string(launch, "log_level", false));
     VMM_TRY_ASSIGN(kvm, read_string(launch, "kvm_device", false));
+    // Added in 0.1: an older record has none (its vmm stopped on SIGTERM).
+    VMM_TRY_ASSIGN(on_sigterm, read_string(launch, "on_sigterm", false));
+    if (!on_sigterm.empty() && on_sigterm != "stop" && on_sigterm != "fd-store")
+      return fail(fmt::format("the handover record's launch.on_sigterm '{}' is unknown", on_sigterm), EPROTO);
     record.launch.control_socket_path = socket;
     if (!console.empty()) record.launch.console = console;
     if (!level.empty()) record.launch.log_level = level;
     if (!kvm.empty()) record.launch.kvm_device = kvm;
+    if (!on_sigterm.empty()) record.launch.on_sigterm = on_sigterm;
   }
   // Exec counts positions against the table; transfer against the message's descriptors (checked there).
   const bool counted = mode == "exec";

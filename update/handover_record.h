@@ -59,10 +59,13 @@ struct LaunchOptions {
   std::string console = "stdout";
   std::string log_level = "info";
   std::string kvm_device = "/dev/kvm";
+  // What SIGTERM does: "stop" the VM with the vmm, or put it into the
+  // service's "fd-store" (update/fd_store.h) for the next start to restore.
+  std::string on_sigterm = "stop";
 };
 
 struct HandoverRecord {
-  std::string mode;                       // exec | kexec | transfer
+  std::string mode;                       // exec | kexec | transfer | fdstore
   std::string session;                    // the LUO session's name (exec, kexec)
   LaunchOptions launch;
   std::optional<size_t> luo_manifest;     // exec: the manifest's descriptor

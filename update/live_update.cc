@@ -91,19 +91,20 @@ Result<UpdateRequest> LiveUpdate::parse(const json& arguments) const {
     }
     if (!value.is_string()) return fail(fmt::format("Parameter '{}' expects a string", key));
   }
-  constexpr std::string_view kModes = "use \"transfer\", \"exec\" or \"kexec\"";
+  constexpr std::string_view kModes = "use \"transfer\", \"exec\", \"kexec\" or \"fdstore\"";
   if (!arguments.contains("mode")) return fail(fmt::format("Parameter 'mode' is missing: {}", kModes));
   request.mode = arguments["mode"].get<std::string>();
-  if (request.mode != "exec" && request.mode != "kexec" && request.mode != "transfer")
+  if (request.mode != "exec" && request.mode != "kexec" && request.mode != "transfer" && request.mode != "fdstore")
     return fail(fmt::format("Parameter 'mode' is '{}': {}", request.mode, kModes));
   const bool kexec = request.mode == "kexec";
   for (const char* key : {"kernel", "initrd", "cmdline"})
     if (!kexec && arguments.contains(key))
       return fail(fmt::format("Parameter '{}' applies to mode \"kexec\" only", key));
-  if (kexec && arguments.contains("binary"))
+  const bool fd_store = request.mode == "fdstore";
+  if ((kexec || fd_store) && arguments.contains("binary"))
     return fail("Parameter 'binary' applies to modes \"exec\" and \"transfer\" only");
   request.binary = arguments.contains("binary") ? arguments["binary"].get<std::string>() : own_binary();
-  if (!kexec && request.binary.empty()) return fail("Parameter 'binary' is empty: name the new vmm binary");
+  if (!kexec && !fd_store && request.binary.empty()) return fail("Parameter 'binary' is empty: name the new vmm binary");
   request.kernel = arguments.value("kernel", "");
   request.initrd = arguments.value("initrd", "");
   request.cmdline = arguments.value("cmdline", "");
@@ -138,6 +139,7 @@ namespace {
 std::unique_ptr<Handover> make_handover(const std::string& mode) {
   if (mode == "exec") return make_exec_handover();
   if (mode == "kexec") return make_kexec_handover();
+  if (mode == "fdstore") return make_fd_store_handover();
   return make_transfer_handover();
 }
 
@@ -266,11 +268,23 @@ control::CommandResult LiveUpdate::run(const json& arguments, const control::Com
   // Only a transfer comes back here: the new process owns the VM, the control
   // socket and the requesting connection. This one must not touch them again.
   const pid_t successor = handover->successor();
-  spdlog::info("live update: the VM now runs in pid {}; this vmm exits", successor);
   successor_ = successor;
   handed_over_ = true;
-  if (context.handed_over) context.handed_over->store(true);
   lease->hand_over();
+  if (successor == 0) {
+    // The fd store: no process runs the VM until the service starts again,
+    // and the client's reply comes from here.
+    spdlog::info("live update: the VM is in systemd's fd store; this vmm exits and the service's next start "
+                 "restores it");
+    record.status = "stored";
+    finish_record(record);
+    json reply = query();
+    machine_.set_event_sink({});
+    machine_.request_shutdown("the VM went into systemd's fd store", false);
+    return reply;
+  }
+  spdlog::info("live update: the VM now runs in pid {}; this vmm exits", successor);
+  if (context.handed_over) context.handed_over->store(true);
   machine_.set_event_sink({});
   machine_.request_shutdown(fmt::format("the VM moved to a new vmm (pid {})", successor), false);
   return json::object();

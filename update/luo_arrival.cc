@@ -13,6 +13,7 @@
 #include "kvm/system.h"
 #include "luo/kernel_backend.h"
 #include "update/arrival.h"
+#include "update/fd_store.h"
 #include "update/restore.h"
 #include "update/session_holder.h"
 #include "update/agent_backend.h"
@@ -146,7 +147,7 @@ std::variant<Arrival, int> arrive_by_luo(const LuoArrivalOptions& options) {
     }
     handover = std::move(*decoded);
   } else {
-    handover.mode = "kexec";
+    handover.mode = options.fd_store ? "fdstore" : "kexec";
     handover.session = options.session;
     handover.launch = options.launch;
     handover.fault = options.fault;
@@ -210,6 +211,11 @@ std::variant<Arrival, int> arrive_by_luo(const LuoArrivalOptions& options) {
       spdlog::error("{}", desc);
       reply_failure(connection_fd, reply_id, desc);
       if (!session_retrieved || exec_mode) return 1;
+      if (dynamic_cast<FdStoreSession*>(side->session.get())) {
+        spdlog::error("the VM's files stay in the service's fd store: the service's next start tries again "
+                      "(`systemctl clean --what=fdstore UNIT` drops them, and the guest's memory with them)");
+        return 1;
+      }
       if (dynamic_cast<AgentSession*>(side->session.get())) {
         spdlog::error("the LUO agent keeps the unfinished session '{}' and the guest's memory: `vmm restore "
                       "--session {}` tries again, `vmm restore --session {} --discard` drops it",
@@ -243,11 +249,16 @@ std::variant<Arrival, int> arrive_by_luo(const LuoArrivalOptions& options) {
     if (const std::string& socket = handover.launch.control_socket_path; !socket.empty())
       if (auto listenable = control::Server::check_listen_path(socket); !listenable) {
         const int status = give_up(listenable.error());
-        spdlog::error("the LUO session '{}' is untouched: once the socket's folder is right, `vmm restore --session "
-                      "{}` restores the VM", handover.session, handover.session);
+        if (options.fd_store)
+          spdlog::error("the VM's files stay in the service's fd store: once the socket's folder is right, the "
+                        "service's next start restores the VM");
+        else
+          spdlog::error("the LUO session '{}' is untouched: once the socket's folder is right, `vmm restore "
+                        "--session {}` restores the VM", handover.session, handover.session);
         return status;
       }
-    auto session = retrieve_kernel_session(handover.session);
+    auto session = options.fd_store ? options.fd_store->retrieve_session(handover.session)
+                                    : retrieve_kernel_session(handover.session);
     if (!session) return give_up(session.error());
     side->session = std::move(*session);
   }
@@ -259,7 +270,7 @@ std::variant<Arrival, int> arrive_by_luo(const LuoArrivalOptions& options) {
       auto carried = bytes ? decode_handover(*bytes) : Result<HandoverRecord>(std::unexpected(bytes.error()));
       if (carried) {
         record = carried->record;
-        record.mode = "kexec";
+        record.mode = handover.mode;
       } else {
         spdlog::warn("vmm restore: the update record from before the kexec is unreadable ({}); starting a new one",
                      carried.error().describe());

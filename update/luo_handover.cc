@@ -1,6 +1,7 @@
-// The exec and kexec handovers: both carry the VM in a LUO session (the
-// userspace backend across execve, the kernel's across kexec). They share
-// the session's preparation; they differ in how the new side starts.
+// The exec, kexec and fdstore handovers: each carries the VM in a session
+// (the userspace backend across execve, the kernel's across kexec, systemd's
+// fd store across a stop of the service). They share the session's
+// preparation; they differ in how the new side starts.
 #include <fcntl.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
@@ -13,6 +14,7 @@
 #include "luo/exec_backend.h"
 #include "luo/kernel_backend.h"
 #include "luo/kexec.h"
+#include "update/fd_store.h"
 #include "update/handover.h"
 #include "update/kexec_support.h"
 #include "update/restore.h"
@@ -234,8 +236,44 @@ class KexecHandover final : public Handover {
   UniqueFd record_fd_;
 };
 
+// The VM goes into systemd's fd store (update/fd_store.h) and this vmm
+// exits: the service's next start, after a restart or a `systemctl kexec`,
+// restores it. Like kexec without the kexec: the host's shutdown does that.
+class FdStoreHandover final : public Handover {
+ public:
+  Result<PreparedHandover> prepare(HandoverContext& context) override {
+    FdStoreBackend backend(fd_store_environment(), real_fd_store_calls());
+    // No VM fd: the next start builds a new VM around the memfds.
+    return session_.fill(backend, context, false);
+  }
+
+  Result<void> hand_over(HandoverContext& context, size_t) override {
+    HandoverRecord handover = base_record(context);
+    handover.record.handover_started_ns = monotonic_ns();
+    VMM_TRY_ASSIGN(record_fd, write_handover_memfd(handover));
+    record_fd_ = std::move(record_fd);
+    VMM_TRY(with_context(session_.session->preserve(record_fd_.ref(), kRecordToken), "preserving the handover record"));
+    auto* stored = dynamic_cast<FdStoreSession*>(session_.session.get());
+    if (!stored) return fail("the fd store handover's session is not an fd store session", EINVAL);
+    return stored->store(5'000'000);
+  }
+
+  void cancel(HandoverContext&) override {
+    session_.release();
+    record_fd_.reset();
+  }
+
+  // Nobody runs the VM until the service starts again.
+  pid_t successor() const override { return 0; }
+
+ private:
+  LuoSession session_;
+  UniqueFd record_fd_;
+};
+
 }  // namespace
 
+std::unique_ptr<Handover> make_fd_store_handover() { return std::make_unique<FdStoreHandover>(); }
 std::unique_ptr<Handover> make_exec_handover() { return std::make_unique<ExecHandover>(); }
 std::unique_ptr<Handover> make_kexec_handover() { return std::make_unique<KexecHandover>(); }
 

@@ -29,6 +29,7 @@
 #include "base/size.h"
 #include "machine/machine.h"
 #include "update/arrival.h"
+#include "update/fd_store.h"
 #include "update/faults.h"
 #include "update/handover_record.h"
 #include "update/luo_agent.h"
@@ -47,6 +48,7 @@ struct CommonOptions {
   std::string control_socket;
   std::string kvm_device = "/dev/kvm";
   std::string log_level = "info";
+  std::string on_sigterm = "stop";
 };
 
 struct RunOptions {
@@ -65,7 +67,7 @@ struct RunOptions {
 };
 
 LaunchOptions launch_options(const CommonOptions& common) {
-  return LaunchOptions{common.control_socket, common.console, common.log_level, common.kvm_device};
+  return LaunchOptions{common.control_socket, common.console, common.log_level, common.kvm_device, common.on_sigterm};
 }
 
 // A VM name also names its LUO session, the systemd instance of
@@ -109,6 +111,16 @@ Result<uint32_t> check_run_options(const CommonOptions& common, const RunOptions
                             "shorter path, e.g. in /run/vmm",
                             common.control_socket, common.control_socket.size(), kMaxSocketPath));
   if (options.name_given) VMM_TRY(check_vm_name(options.name));
+  if (common.on_sigterm == "fd-store") {
+    // The next start finds the VM's files by its name, and systemd's fd
+    // store carries memfds only.
+    if (!options.name_given)
+      return fail("--on-sigterm fd-store needs --name: the service's next start finds the VM in the fd store by "
+                  "its name");
+    if (options.backing != "memfd")
+      return fail("--on-sigterm fd-store needs --memory-backing memfd: systemd's fd store carries memfds across a "
+                  "kexec, not a guest_memfd");
+  }
 
   uint32_t vcpus = 0;
   const char* begin = options.vcpus.data();
@@ -139,11 +151,35 @@ Result<MachineConfig> machine_config(const CommonOptions& common, const RunOptio
   return config;
 }
 
+// The new side of every live-update mode ends in the same completion.
+int arrive(std::variant<Arrival, int> arrived, FdRef signals) {
+  if (auto* status = std::get_if<int>(&arrived)) return *status;
+  return complete(std::move(std::get<Arrival>(arrived)), signals);
+}
+
 int run_vm(const CommonOptions& common, const RunOptions& options) {
   auto signals = shutdown_signals();
   if (!signals) {
     spdlog::error("{}", signals.error().describe());
     return 1;
+  }
+  // Started by systemd with this VM's files in its fd store (put there by
+  // the previous start's SIGTERM, before a restart or a `systemctl kexec`):
+  // restore the VM instead of booting a new one.
+  if (options.name_given && std::getenv("LISTEN_FDS")) {
+    std::shared_ptr<FdStoreBackend> stored = FdStoreBackend::from_environment();
+    if (stored->has_session(options.name)) {
+      if (auto checked = check_run_options(common, options); !checked) {
+        spdlog::error("{}", checked.error().describe());
+        return 2;
+      }
+      spdlog::info("VM '{}': its files are in the service's fd store; restoring it instead of booting", options.name);
+      LuoArrivalOptions restore;
+      restore.session = options.name;
+      restore.launch = launch_options(common);
+      restore.fd_store = std::move(stored);
+      return arrive(arrive_by_luo(restore), signals->ref());
+    }
   }
   auto config = machine_config(common, options);
   if (!config) {
@@ -170,12 +206,6 @@ int run_vm(const CommonOptions& common, const RunOptions& options) {
                memory::format_size(running.shared_size), running.vcpus,
                common.control_socket.empty() ? "" : ", control socket " + common.control_socket);
   return runtime.wait(signals->ref());
-}
-
-// The new side of every live-update mode ends in the same completion.
-int arrive(std::variant<Arrival, int> arrived, FdRef signals) {
-  if (auto* status = std::get_if<int>(&arrived)) return *status;
-  return complete(std::move(std::get<Arrival>(arrived)), signals);
 }
 
 // A command line this binary cannot parse, from an older or newer vmm's exec
@@ -286,6 +316,11 @@ int main(int argc, char** argv) {
     command->add_option("--control-socket", common.control_socket,
                         "Path of the QMP-style control socket (created with mode 0600)");
     command->add_option("--kvm-device", common.kvm_device, "The KVM device")->capture_default_str();
+    command->add_option("--on-sigterm", common.on_sigterm,
+                        "What SIGTERM does: stop (the VM ends with the vmm) or fd-store (a systemd service keeps the "
+                        "VM in its fd store, for its next start, after a restart or a `systemctl kexec`)")
+        ->check(CLI::IsMember({"stop", "fd-store"}))
+        ->capture_default_str();
     command->add_option("--log-level", common.log_level, "Log level: trace, debug, info, warn, error, critical, off")
         ->capture_default_str();
   }

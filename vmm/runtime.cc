@@ -19,25 +19,28 @@ namespace {
 using nlohmann::json;
 using namespace std::chrono;
 
-// Waits until a signal arrives or the machine asks to shut down.
-void wait_for_shutdown(Machine& machine, FdRef signals) {
+// Waits until a signal arrives (returns its number) or the machine asks to
+// shut down (returns 0).
+int wait_for_shutdown(Machine& machine, FdRef signals) {
   pollfd fds[2] = {{signals.get(), POLLIN, 0}, {machine.shutdown_fd().get(), POLLIN, 0}};
   while (true) {
     if (::poll(fds, 2, -1) < 0) {
       if (errno == EINTR) continue;
       machine.request_shutdown("poll failed in the main loop", false);
-      return;
+      return 0;
     }
     if (fds[0].revents & POLLIN) {
       signalfd_siginfo info{};
-      if (::read(signals.get(), &info, sizeof info) == sizeof info) {
-        const char* name = sigabbrev_np(static_cast<int>(info.ssi_signo));
-        machine.request_shutdown(name ? std::string("received SIG") + name : "received a signal", false);
-      }
-      return;
+      if (::read(signals.get(), &info, sizeof info) == sizeof info) return static_cast<int>(info.ssi_signo);
+      continue;
     }
-    if (fds[1].revents & POLLIN) return;
+    if (fds[1].revents & POLLIN) return 0;
   }
+}
+
+std::string signal_reason(int signal) {
+  const char* name = sigabbrev_np(signal);
+  return name ? std::string("received SIG") + name : "received a signal";
 }
 
 }  // namespace
@@ -86,9 +89,19 @@ Result<void> Runtime::serve_socket(UniqueFd inherited) {
 int Runtime::wait(FdRef signals) {
   // The VM runs and the control socket answers: a Type=notify service is up.
   notify_ready(machine->config().name);
-  wait_for_shutdown(*machine, signals);
+  if (const int signal = wait_for_shutdown(*machine, signals); signal != 0) {
+    // A systemd service's stop (a restart, `systemctl kexec`): the VM goes
+    // into the service's fd store for its next start, the update's phases
+    // and all; only when that fails does it stop with the vmm.
+    if (signal == SIGTERM && launch.on_sigterm == "fd-store") {
+      spdlog::info("SIGTERM: putting the VM into the service's fd store");
+      auto stored = update->run(json{{"mode", "fdstore"}}, control::CommandContext{});
+      if (!stored) spdlog::error("SIGTERM: {}; the VM stops with the vmm", stored.error().desc);
+    }
+    if (machine->shutdown_reason().empty()) machine->request_shutdown(signal_reason(signal), false);
+  }
   // After a transfer the service is the new process, before this one exits.
-  if (update->handed_over()) notify_main_pid(update->successor());
+  if (update->handed_over() && update->successor() > 0) notify_main_pid(update->successor());
   else notify_stopping(machine->shutdown_reason());
   // An update in progress stops waiting for its new side and cancels.
   update->cancel();
@@ -102,7 +115,7 @@ int Runtime::wait(FdRef signals) {
   machine->set_event_sink({});
   if (server) {
     // After a transfer the socket at the path is the new process's: leave it.
-    if (update->handed_over()) {
+    if (update->handed_over() && update->successor() > 0) {
       UniqueFd released = server->detach();
     } else {
       server->stop();

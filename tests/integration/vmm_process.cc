@@ -1,5 +1,7 @@
 #include "tests/integration/vmm_process.h"
 
+extern char** environ;
+
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/prctl.h>
@@ -8,6 +10,7 @@
 #include <unistd.h>
 
 #include <cstdlib>
+#include <string_view>
 #include <cstring>
 #include <algorithm>
 #include <filesystem>
@@ -32,12 +35,36 @@ std::string make_temp_dir() {
 }
 
 // fork + exec of the vmm binary, stdout/stderr to files in `dir`.
-Result<pid_t> spawn(const std::vector<std::string>& args, const std::string& dir, const std::string& binary) {
+// `listen_fds`: descriptors the child gets as systemd passes them ($LISTEN_FDS
+// from fd 3, $LISTEN_PID, $LISTEN_FDNAMES).
+Result<pid_t> spawn(const std::vector<std::string>& args, const std::string& dir, const std::string& binary,
+                    const std::vector<ListenFd>& listen_fds = {}) {
   std::vector<std::string> argv_storage{binary};
   argv_storage.insert(argv_storage.end(), args.begin(), args.end());
   std::vector<char*> argv;
   for (auto& arg : argv_storage) argv.push_back(arg.data());
   argv.push_back(nullptr);
+  // The environment is built before the fork (the child only fills in its pid).
+  std::vector<std::string> env_storage;
+  for (char** e = environ; *e; ++e) {
+    std::string_view entry(*e);
+    if (!listen_fds.empty() && (entry.starts_with("LISTEN_FDS=") || entry.starts_with("LISTEN_PID=") ||
+                                entry.starts_with("LISTEN_FDNAMES=")))
+      continue;
+    env_storage.emplace_back(entry);
+  }
+  size_t pid_entry = 0;
+  if (!listen_fds.empty()) {
+    std::string names;
+    for (const auto& fd : listen_fds) names += (names.empty() ? "" : ":") + fd.name;
+    env_storage.push_back("LISTEN_FDS=" + std::to_string(listen_fds.size()));
+    env_storage.push_back("LISTEN_FDNAMES=" + names);
+    pid_entry = env_storage.size();
+    env_storage.push_back("LISTEN_PID=" + std::string(16, '\0'));
+  }
+  std::vector<char*> envp;
+  for (auto& entry : env_storage) envp.push_back(entry.data());
+  envp.push_back(nullptr);
   const std::string out_path = dir + "/stdout.log";
   const std::string err_path = dir + "/stderr.log";
   pid_t pid = ::fork();
@@ -50,7 +77,22 @@ Result<pid_t> spawn(const std::vector<std::string>& args, const std::string& dir
     ::dup2(null, 0);
     ::dup2(out, 1);
     ::dup2(err, 2);
-    ::execv(argv[0], argv.data());
+    if (!listen_fds.empty()) {
+      // Out of the way first: a source may sit where another goes.
+      std::vector<int> moved;
+      for (const auto& fd : listen_fds) moved.push_back(::fcntl(fd.fd, F_DUPFD, 200));
+      for (size_t i = 0; i < moved.size(); ++i) {
+        if (moved[i] < 0 || ::dup2(moved[i], static_cast<int>(3 + i)) < 0) ::_exit(127);
+        ::close(moved[i]);
+      }
+      char* digits = envp[pid_entry] + std::strlen("LISTEN_PID=");
+      char reversed[16];
+      int n = 0;
+      for (pid_t self = ::getpid(); self > 0 && n < 15; self /= 10) reversed[n++] = static_cast<char>('0' + self % 10);
+      for (int i = 0; i < n; ++i) digits[i] = reversed[n - 1 - i];
+      digits[n] = '\0';
+    }
+    ::execve(argv[0], argv.data(), envp.data());
     ::_exit(127);
   }
   return pid;
@@ -88,7 +130,7 @@ bool kvm_available(std::string* why) {
 }
 
 Result<VmmProcess> VmmProcess::launch(std::vector<std::string> args, std::chrono::milliseconds timeout,
-                                      const std::string& binary) {
+                                      const std::string& binary, const std::vector<ListenFd>& listen_fds) {
   // A vmm that hands its VM to a new process (transfer live update) exits;
   // its successor is then reparented here, where follow() can reap it.
   ::prctl(PR_SET_CHILD_SUBREAPER, 1);
@@ -101,7 +143,7 @@ Result<VmmProcess> VmmProcess::launch(std::vector<std::string> args, std::chrono
     full.insert(full.end(), {"--console", process.dir_ + "/console.log"});
   full.insert(full.end(), args.begin(), args.end());
   process.launched_ = std::chrono::steady_clock::now();
-  VMM_TRY_ASSIGN(pid, spawn(full, process.dir_, binary));
+  VMM_TRY_ASSIGN(pid, spawn(full, process.dir_, binary, listen_fds));
   process.pid_ = pid;
 
   const auto deadline = std::chrono::steady_clock::now() + timeout;

@@ -42,6 +42,12 @@ std::string vmm_skewed_binary();
 // Skips the current test unless /dev/kvm can be opened.
 bool kvm_available(std::string* why);
 
+// A descriptor passed the way systemd passes its fd store ($LISTEN_FDS).
+struct ListenFd {
+  std::string name;
+  int fd = -1;
+};
+
 struct ExitStatus {
   bool exited = false;  // false: killed by a signal
   int code = 0;         // exit code or signal number
@@ -52,9 +58,11 @@ class VmmProcess {
   // Starts `vmm run --control-socket DIR/vmm.sock --console DIR/console.log
   // ARGS...` and waits (up to `timeout`) until the socket accepts clients.
   // `binary`: the vmm to run (vmm_faults_binary() for tests that inject faults).
+  // `listen_fds`: what systemd would pass the service ($LISTEN_FDS).
   [[nodiscard]] static Result<VmmProcess> launch(std::vector<std::string> args,
                                                  std::chrono::milliseconds timeout = std::chrono::seconds(30),
-                                                 const std::string& binary = vmm_binary());
+                                                 const std::string& binary = vmm_binary(),
+                                                 const std::vector<ListenFd>& listen_fds = {});
   // Runs `vmm ARGS...` to completion (for bad-input tests).
   [[nodiscard]] static Result<std::pair<ExitStatus, std::string>> run_to_exit(
       std::vector<std::string> args, std::chrono::milliseconds timeout = std::chrono::seconds(30),
