@@ -179,6 +179,22 @@ TEST(FdStore, SigtermKeepsTheVmInTheStoreAndTheNextStartRestoresIt) {
   EXPECT_TRUE(store.names().empty());
 }
 
+// The choice crosses a binary update: the new process stores the VM too.
+TEST(FdStore, TheChoiceSurvivesATransferUpdate) {
+  REQUIRE_KVM();
+  FakeFdStore store;
+  ASSERT_TRUE(store.ok());
+  ServiceEnvironment environment(store.path());
+  auto vm = ASSERT_OK(VmmProcess::launch(kServiceArgs));
+  auto reply = ASSERT_OK(vm.command("live-update", {{"mode", "transfer"}}));
+  ASSERT_TRUE(vm.follow(reply["pid"].get<pid_t>()));
+  vm.signal(SIGTERM);
+  auto exited = vm.wait_exit(30s);
+  ASSERT_TRUE(exited);
+  EXPECT_TRUE(exited->exited && exited->code == 0);
+  EXPECT_EQ(store.names().size(), 4u);
+}
+
 TEST(FdStore, WithoutAStoreSigtermStopsTheVmAndSaysWhy) {
   REQUIRE_KVM();
   FakeFdStore store;
