@@ -6,8 +6,10 @@
 
 #include <cstring>
 #include <atomic>
+#include <chrono>
 #include <mutex>
 #include <optional>
+#include <utility>
 
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
@@ -113,13 +115,27 @@ Result<KexecSupport> kexec_support(const std::string& kvm_device, std::chrono::m
                                    const std::atomic<bool>* cancelled) {
   static std::mutex mutex;
   static std::optional<KexecSupport> known;
+  // Which source a kexec would take (the agent, or the device) is asked
+  // again at most every 2 s: a coordinator polls query-live-update of every
+  // VM many times a second, and each ask is a connection to the agent.
+  static std::optional<std::pair<std::chrono::steady_clock::time_point, std::string>> source_asked;
+  std::optional<KexecSupport> cached;
+  bool ask_source = false;
   {
     std::lock_guard lock(mutex);
-    if (known) {
-      KexecSupport cached = *known;
-      cached.session_source = probe_session_source_kind(session_source_options());
-      return cached;
+    cached = known;
+    const auto now = std::chrono::steady_clock::now();
+    ask_source = !source_asked || now - source_asked->first > std::chrono::seconds(2);
+    if (cached && !ask_source) cached->session_source = source_asked->second;
+  }
+  if (cached) {
+    // Asked outside the lock: the connection may take its time.
+    if (ask_source) {
+      cached->session_source = probe_session_source_kind(session_source_options());
+      std::lock_guard lock(mutex);
+      source_asked = {std::chrono::steady_clock::now(), cached->session_source};
     }
+    return *cached;
   }
   // Probed outside the lock: it may wait for the device.
   VMM_TRY_ASSIGN(probed, probe_kexec_support(kvm_device, busy_wait, cancelled));
