@@ -1,5 +1,7 @@
 #include "kvm/vcpu.h"
 
+#include <sys/ioctl.h>
+
 #include <sys/mman.h>
 #include <fmt/format.h>
 
@@ -349,6 +351,8 @@ Result<void> Vcpu::restore(const VcpuState& state, TscRestore* tsc) {
     (is_tsc_deadline(entry) ? after_lapic : before_lapic).push_back(entry);
   }
   VMM_TRY(set_msrs(before_lapic));
+  for (const MsrEntry& entry : before_lapic)
+    if (entry.index == msr::kTsc && state.tsc_khz != 0) VMM_TRY(ensure_tsc(entry.data, state.tsc_khz, tsc));
   VMM_TRY(set_lapic(state.lapic));
   VMM_TRY(set_msrs(after_lapic));
 
@@ -359,6 +363,37 @@ Result<void> Vcpu::restore(const VcpuState& state, TscRestore* tsc) {
   events.flags |= KVM_VCPUEVENT_VALID_NMI_PENDING | KVM_VCPUEVENT_VALID_SIPI_VECTOR;
   VMM_TRY(set_vcpu_events(events));
   VMM_TRY(set_debugregs(state.debugregs));
+  return {};
+}
+
+// KVM's TSC write goes through its synchronization heuristics
+// (kvm_synchronize_tsc), and under the kexec lab's nested SVM, after a
+// refused rate, the guest's TSC carried on from the save instead of the time
+// it was frozen: read it back, and where it is off by more than 100 ms, move
+// the offset itself (KVM_VCPU_TSC_OFFSET, Linux 5.16+).
+Result<void> Vcpu::ensure_tsc(uint64_t wanted, uint64_t khz, TscRestore* tsc) {
+  const std::vector<uint32_t> index{msr::kTsc};
+  const uint64_t slack = khz * 100;  // 100 ms of cycles
+  auto off_by = [&]() -> Result<int64_t> {
+    VMM_TRY_ASSIGN(read, get_msrs(index));
+    return static_cast<int64_t>(wanted - read.front().data);
+  };
+  VMM_TRY_ASSIGN(missing, off_by());
+  if (static_cast<uint64_t>(missing < 0 ? -missing : missing) <= slack) return {};
+  uint64_t offset = 0;
+  kvm_device_attr attr{0, KVM_VCPU_TSC_CTRL, KVM_VCPU_TSC_OFFSET, reinterpret_cast<uint64_t>(&offset)};
+  bool corrected = false;
+  if (::ioctl(fd().get(), KVM_HAS_DEVICE_ATTR, &attr) == 0 &&
+      detail::ioctl(fd(), KVM_GET_DEVICE_ATTR, &attr, "KVM_GET_DEVICE_ATTR(KVM_VCPU_TSC_OFFSET)")) {
+    offset += static_cast<uint64_t>(missing);
+    VMM_TRY(detail::ioctl(fd(), KVM_SET_DEVICE_ATTR, &attr, fmt::format("KVM_SET_DEVICE_ATTR(KVM_VCPU_TSC_OFFSET) (vcpu {})", id_)));
+    VMM_TRY_ASSIGN(still, off_by());
+    corrected = static_cast<uint64_t>(still < 0 ? -still : still) <= slack;
+  }
+  if (tsc) {
+    tsc->tsc_corrected = corrected;
+    tsc->tsc_not_set = !corrected;
+  }
   return {};
 }
 

@@ -82,6 +82,11 @@ class Vcpu {
   struct TscRestore {
     uint64_t host_khz = 0;        // this host's rate, where it differs from the saved one
     bool kept_host_rate = false;  // KVM could not run the saved rate: the vCPU runs at host_khz
+    // The TSC KVM_SET_MSRS set was not the one read back: corrected through
+    // the vCPU's TSC offset (KVM_VCPU_TSC_OFFSET), or, if that did not take
+    // either, left as KVM keeps it (tsc_not_set).
+    bool tsc_corrected = false;
+    bool tsc_not_set = false;
   };
   // With `tsc`, a saved TSC rate KVM cannot run (KVM_SET_TSC_KHZ EINVAL: no
   // TSC scaling and slower than this host) is not an error: the vCPU keeps
@@ -92,6 +97,9 @@ class Vcpu {
   Vcpu(UniqueFd fd, uint32_t id, kvm_run* run, int mmap_size)
       : fd_(std::move(fd)), id_(id), run_(run), mmap_size_(mmap_size) {}
   [[nodiscard]] Result<void> set_cpuid_entries(std::span<const kvm_cpuid_entry2> entries);
+  // Reads the TSC back after a restore wrote `wanted` and moves the vCPU's
+  // TSC offset by what is missing.
+  [[nodiscard]] Result<void> ensure_tsc(uint64_t wanted, uint64_t khz, TscRestore* tsc);
   void unmap_run();
   UniqueFd fd_;
   uint32_t id_ = 0;

@@ -74,6 +74,13 @@ Result<void> Machine::load_state(const migration::SavedState& state) {
   std::vector<kvm::Vcpu::TscRestore> tsc(vcpus_.size());
   VMM_TRY(vcpus_.on_every_vcpu([&](size_t i, kvm::Vcpu& vcpu) { return vcpu.restore(state.vcpus[i], &tsc[i]); }));
   tsc_rate_change_.reset();
+  const bool tsc_corrected = std::ranges::any_of(tsc, [](const auto& vcpu) { return vcpu.tsc_corrected; });
+  const bool tsc_not_set = std::ranges::any_of(tsc, [](const auto& vcpu) { return vcpu.tsc_not_set; });
+  if (tsc_corrected)
+    spdlog::info("KVM did not take the saved TSC as written; it was set through the vCPUs' TSC offset");
+  if (tsc_not_set)
+    spdlog::warn("KVM keeps its own TSC for the guest (it ignored both the TSC write and the TSC offset): the "
+                 "guest's TSC does not show the time it was frozen; kvmclock does");
   uint64_t host = 0;
   bool kept_host_rate = false;
   for (const auto& vcpu : tsc) {

@@ -145,6 +145,50 @@ TEST_F(VcpuTest, SaveRestoreRoundTripIntoAnotherVm) {
   }
 }
 
+// After a kexec the host's TSC rate differs. Where KVM cannot run the saved
+// rate (no TSC scaling, a slower rate) the vCPU keeps this host's, and the
+// TSC the restore sets, moved on by the time the guest was frozen, must
+// still be the TSC the guest reads: the kexec lab once saw the guest's TSC
+// carry on from the save instead, as if no time had passed.
+TEST_F(VcpuTest, RestoreAtARateKvmRefusesStillSetsTheTsc) {
+  auto source_vm = make_vm();
+  auto target_vm = make_vm();
+  ASSERT_TRUE(source_vm && target_vm);
+  auto source = make_vcpu(*source_vm, 0);
+  ASSERT_TRUE(source) << source.error().describe();
+  auto msr_indices = system().msrs_to_save();
+  ASSERT_TRUE(msr_indices);
+  auto saved = source->save(*msr_indices);
+  ASSERT_TRUE(saved) << saved.error().describe();
+  const uint64_t host_khz = saved->tsc_khz;
+  // 0.2% slower: outside KVM's 250 ppm tolerance.
+  saved->tsc_khz = host_khz - host_khz / 500;
+  const uint64_t moved_on = host_khz * 1000 * 60;  // a minute frozen
+  uint64_t wanted = 0;
+  for (auto& entry : saved->msrs)
+    if (entry.index == msr::kTsc) wanted = entry.data += moved_on;
+  ASSERT_NE(wanted, 0u);
+
+  auto target = target_vm->create_vcpu(0);
+  ASSERT_TRUE(target);
+  Vcpu::TscRestore tsc;
+  auto restored = target->restore(*saved, &tsc);
+  ASSERT_TRUE(restored) << restored.error().describe();
+  if (tsc.tsc_not_set)
+    GTEST_SKIP() << "this host's KVM ignores both a TSC write and the TSC offset (a nested KVM that keeps the "
+                    "guest's TSC at the host's): nothing to check here";
+  auto copy = target->save(*msr_indices);
+  ASSERT_TRUE(copy);
+  for (const auto& entry : copy->msrs) {
+    if (entry.index != msr::kTsc) continue;
+    EXPECT_GE(entry.data, wanted) << "the TSC did not move on (kept host rate: " << tsc.kept_host_rate << ")";
+    EXPECT_LT(entry.data - wanted, host_khz * 1000 * 10) << "TSC jumped";
+  }
+  if (tsc.kept_host_rate) {
+    EXPECT_EQ(copy->tsc_khz, host_khz);
+  }
+}
+
 // A transfer's new vmm presets each vCPU's CPUID before the pause; restore()
 // then skips KVM_SET_CPUID2 when only the bits KVM keeps up to date differ.
 // Either way the restored vCPU must end with exactly the saved CPUID.
